@@ -1,0 +1,111 @@
+"""Profile the detector family (w = 1, 1/2, 1/4, 1/8, Fast R-CNN head) at one or more input sizes.
+
+Usage: ``python benchmarks/profile_family.py [--sizes 256x256,1000x1500] [--out benchmarks/results/profile_family.json]``
+
+Models are timed round-robin on the same input (one ``predict`` of each in turn), so machine-load drift hits
+every width alike. Prints a markdown table (latency in ms, GFLOPs, parameters; speed-up and parameter ratio
+against w = 1) and writes the full numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from detection.detector import DetectorConfig, build_detector  # noqa: E402
+from detection.profile import profile_models  # noqa: E402
+
+WIDTHS = (1.0, 0.5, 0.25, 0.125)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        try:
+            h, w = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--sizes: expected HxW[,HxW...] like 256x256, got {part!r}") from None
+        sizes.append((h, w))
+    return sizes
+
+
+def repeats_for(size: tuple[int, int], base: int) -> int:
+    # Fewer repeats on big inputs: w = 1 at 1000x1500 takes seconds per image on a CPU.
+    return max(3, base // 4) if size[0] * size[1] > 512 * 512 else base
+
+
+def table(rows: dict[str, dict], size: tuple[int, int]) -> str:
+    ref = rows["1"]
+    lines = [
+        f"**{size[0]}x{size[1]}**, {ref['device']}, {ref['threads']} thread(s), n = {ref['latency']['n']} runs each",
+        "",
+        "| w | median ms | p90 ms | speed-up | GFLOPs (all / backbone) | params backbone / rpn / head / total | "
+        "param ratio (total / backbone) | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        p, g, lat = r["params"], r["gflops"], r["latency"]
+        lines.append(
+            f"| {name} | {lat['median_ms']:.1f} | {lat['p90_ms']:.1f} | "
+            f"{ref['latency']['median_ms'] / lat['median_ms']:.2f}x | {g['total']:.2f} / {g['backbone']:.2f} | "
+            f"{p['backbone'] / 1e6:.2f}M / {p['rpn'] / 1e6:.2f}M / {p['head'] / 1e6:.2f}M / {p['total'] / 1e6:.2f}M | "
+            f"{ref['params']['total'] / p['total']:.1f}x / {ref['params']['backbone'] / p['backbone']:.1f}x | "
+            f"{r['memory']['peak_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="256x256,1000x1500", help="comma-separated HxW input sizes")
+    ap.add_argument("--out", default="benchmarks/results/profile_family.json", type=Path)
+    ap.add_argument("--repeats", type=int, default=20, help="timed runs per model on small inputs")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--num-classes", type=int, default=2, help="including background (2: pedestrians)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {
+        str(Fraction(w).limit_denominator()): build_detector(DetectorConfig(num_classes=args.num_classes, width=w))
+        for w in WIDTHS
+    }
+    report: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "head": "fast-rcnn",
+        "num_classes": args.num_classes,
+        "results": {},
+    }
+    for size in parse_sizes(args.sizes):
+        rows = profile_models(
+            models, size, repeats=repeats_for(size, args.repeats), warmup=args.warmup, device=args.device
+        )
+        report["results"][f"{size[0]}x{size[1]}"] = rows
+        print(table(rows, size), "\n", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

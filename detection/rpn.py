@@ -1,0 +1,151 @@
+"""Region proposal network on one feature map, built from torchvision's RPN parts.
+
+Shapes: features ``Tensor[N, C, h, w]`` at a fixed ``stride`` (16, or 8 after the x2 deconvolution);
+``A = len(sizes)·len(aspect_ratios)`` anchors per cell; proposals ``list[Tensor[R_i, 4]]`` x1y1x2y2 in input
+pixels, sorted by objectness, with scores ``list[Tensor[R_i]]`` (sigmoid probabilities).
+
+Aspect ratio means height / width (torchvision's convention). Anchor centres are ``stride·(i, j)``, which is
+where the backbone's feature cell ``(i, j)`` is centred (see ``detection.backbone``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+
+DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
+# Pedestrians stand: height:width 2:1 and 3:1 (Caltech boxes average about 2.4:1).
+PEDESTRIAN_ASPECT_RATIOS: tuple[float, ...] = (2.0, 3.0)
+
+
+def default_rpn_channels(in_channels: int) -> int:
+    """Width of the RPN's 3x3 conv: ``min(in_channels, 256)`` (torchvision keeps ``in_channels``, which on an
+    832-channel map costs 6.2M parameters, more than the whole backbone)."""
+    return min(in_channels, 256)
+
+
+class FixedStrideAnchorGenerator(AnchorGenerator):
+    """``AnchorGenerator`` for one map with a known stride.
+
+    torchvision derives the stride as ``padded_size // grid_size``, which is wrong whenever the padded size is
+    not a multiple of the stride (a 250-pixel side gives a 16-cell map and a "stride" of 15). Here it is given.
+    """
+
+    def __init__(self, *, sizes: tuple[int, ...], aspect_ratios: tuple[float, ...], stride: int) -> None:
+        super().__init__(sizes=(tuple(sizes),), aspect_ratios=(tuple(aspect_ratios),))
+        self.stride = int(stride)
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
+        device = feature_maps[0].device
+        s = torch.tensor(self.stride, dtype=torch.int64, device=device)
+        # Anchors stay float32 even under fp16 autocast: pixel coordinates up to ~2000 need the precision.
+        dtype = torch.float64 if feature_maps[0].dtype == torch.float64 else torch.float32
+        self.set_cell_anchors(dtype, device)
+        per_map = self.grid_anchors(grid_sizes, [[s, s] for _ in grid_sizes])
+        anchors = torch.cat(per_map)
+        return [anchors for _ in image_list.image_sizes]
+
+
+class LightRPNHead(nn.Module):
+    """3x3 conv ``in -> mid`` + ReLU, then 1x1 objectness (``A``) and 1x1 box deltas (``4A``).
+
+    Same interface as torchvision's ``RPNHead``: ``forward(list[Tensor[N,C,h,w]]) -> (logits, deltas)``.
+    """
+
+    def __init__(self, *, in_channels: int, mid_channels: int, num_anchors: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1)
+        self.cls_logits = nn.Conv2d(mid_channels, num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(mid_channels, 4 * num_anchors, kernel_size=1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = [], []
+        for feature in x:
+            t = torch.relu(self.conv(feature))
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    in_channels: int
+    stride: int
+    mid_channels: int | None = None  # None -> default_rpn_channels(in_channels)
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS
+    pre_nms_top_n_train: int = 1000
+    post_nms_top_n_train: int = 300
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_test: int = 300
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+
+
+class RPN(RegionProposalNetwork):
+    """torchvision's ``RegionProposalNetwork`` on a single map, returning proposal scores too.
+
+    ``forward(features, image_sizes, targets=None) -> (proposals, scores, losses)``; losses
+    ``{"loss_objectness", "loss_rpn_box_reg"}`` are computed whenever ``targets`` are given (training or not)
+    and are required in training mode. Pre/post-NMS top-N follow the module's train/eval mode.
+    """
+
+    def __init__(self, *, config: RPNConfig) -> None:
+        mid = config.mid_channels if config.mid_channels is not None else default_rpn_channels(config.in_channels)
+        anchors = FixedStrideAnchorGenerator(
+            sizes=config.anchor_sizes, aspect_ratios=config.aspect_ratios, stride=config.stride
+        )
+        head = LightRPNHead(
+            in_channels=config.in_channels, mid_channels=mid, num_anchors=anchors.num_anchors_per_location()[0]
+        )
+        super().__init__(
+            anchors,
+            head,
+            fg_iou_thresh=config.fg_iou_thresh,
+            bg_iou_thresh=config.bg_iou_thresh,
+            batch_size_per_image=config.batch_size_per_image,
+            positive_fraction=config.positive_fraction,
+            pre_nms_top_n={"training": config.pre_nms_top_n_train, "testing": config.pre_nms_top_n_test},
+            post_nms_top_n={"training": config.post_nms_top_n_train, "testing": config.post_nms_top_n_test},
+            nms_thresh=config.nms_thresh,
+        )
+        self.config = config
+
+    def forward(  # type: ignore[override]
+        self,
+        features: Tensor,
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        if self.training and targets is None:
+            raise ValueError("RPN in training mode needs targets (per image {'boxes', 'labels'})")
+        # Anchors depend only on the grid and the fixed stride; the ImageList carries the image sizes.
+        image_list = ImageList(features, list(image_sizes))
+        objectness, deltas = self.head([features])
+        anchors = self.anchor_generator(image_list, [features])
+        num_images = features.shape[0]
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        # Proposals do not backprop into the RPN's regression (Faster R-CNN's approximate joint training).
+        proposals = self.box_coder.decode(deltas.detach().to(anchors[0].dtype), anchors).view(num_images, -1, 4)
+        boxes, scores = self.filter_proposals(proposals, objectness, image_list.image_sizes, num_anchors_per_level)
+
+        losses: dict[str, Tensor] = {}
+        if targets is not None:
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_box = self.compute_loss(objectness, deltas, labels, regression_targets)
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
+        return boxes, scores, losses

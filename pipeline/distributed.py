@@ -1,0 +1,119 @@
+"""Extraction on a Dask cluster: one task per shard, each worker process loads the teacher once and writes
+its own shards (disjoint objects, so no locking). A LocalCluster of ``--workers`` processes by default, or an
+existing scheduler (``--scheduler tcp://host:8786``) whose workers can reach the data and the store location.
+
+Lost workers: dask.distributed reschedules the tasks of a worker that died; a shard is only marked complete
+after all of its arrays are written, so a half-finished shard is simply written again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.records import Dataset, ImageRecord
+from data.transforms import Preprocess
+
+# Set by LocalCluster workers we start; a task reads it to size torch's thread pool.
+_THREADS_ENV = "MIMICDET_WORKER_THREADS"
+
+
+@lru_cache(maxsize=2)
+def _worker_teacher(path: str, device: str):
+    """The teacher, loaded once per worker process (tasks of the same run reuse it)."""
+    from pipeline.extract import load_teacher
+    from detection.device import select_device as resolve_device
+
+    threads = int(os.environ.get(_THREADS_ENV, "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    teacher, meta, _ = load_teacher(Path(path), resolve_device(device))
+    return teacher
+
+
+def extract_shard_task(
+    *,
+    teacher_path: str,
+    device: str,
+    store: str,
+    storage_options: dict,
+    shard: int,
+    records: Sequence[ImageRecord],
+    preprocess: dict,
+    flips: Sequence[bool],
+    top_k: int,
+    batch_size: int,
+) -> int:
+    """One Dask task: compute and write one shard. Returns the number of images written."""
+    from data.featurestore import open_writer
+    from pipeline.extract import extract_shard
+
+    teacher = _worker_teacher(teacher_path, device)
+    per_flip = extract_shard(
+        teacher,
+        records,
+        Preprocess.from_dict(preprocess),
+        flips=flips,
+        top_k=top_k,
+        batch_size=batch_size,
+        device=next(teacher.parameters()).device,
+    )
+    writer = open_writer(store, storage_options=storage_options or None)
+    try:
+        writer.write_shard(shard, per_flip[False], per_flip.get(True))
+    finally:
+        writer.close()
+    return len(records)
+
+
+def extract_on_dask(cfg, manifest, dataset: Dataset, shards: Sequence[int]) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
+        cluster = LocalCluster(
+            n_workers=cfg.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={_THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)},
+        )
+        client = Client(cluster)
+    try:
+        futures = []
+        for s in shards:
+            start, stop = manifest.shard_range(s)
+            futures.append(
+                client.submit(
+                    extract_shard_task,
+                    teacher_path=str(Path(cfg.teacher).resolve()),
+                    device=cfg.device,
+                    store=str(cfg.out),
+                    storage_options=dict(cfg.storage_options or {}),
+                    shard=s,
+                    records=list(dataset.records[start:stop]),
+                    preprocess=dict(manifest.preprocess),
+                    flips=list(manifest.flips),
+                    top_k=manifest.num_proposals,
+                    batch_size=cfg.batch_size,
+                    key=f"extract-shard-{s}-{manifest.dataset_digest[:8]}",
+                    retries=2,
+                    pure=False,
+                )
+            )
+        total = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in shards) * len(manifest.flips)
+        with tqdm(total=total, desc="extract (dask)", unit="img", disable=not cfg.progress) as bar:
+            for future in as_completed(futures):
+                bar.update(future.result() * len(manifest.flips))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,273 @@
+"""The offline teacher pass: run a trained teacher once over a dataset and write its feature maps, top-K
+proposals and head outputs into a feature store (data/featurestore.py).
+
+Shapes per image i: features ``[C, h_i, w_i]`` (stride-16 map of the preprocessed input), proposals
+``float32[k,4]`` x1y1x2y2 in preprocessed-input pixels, scores ``float32[k]``, class logits ``float32[k, Kc]``,
+box deltas ``float32[k, 4·Kc]`` (k <= K = ``--proposals``).
+
+Work is organised by shard (S consecutive images): a shard is computed and written as one unit, so a killed run
+leaves complete shards only and ``--resume`` redoes just the pending ones. Locally, a DataLoader decodes images in
+worker processes and a writer thread compresses and writes the previous shard while the teacher computes the next
+(bounded queue: memory stays flat). With Dask (``pipeline/distributed.py``) each task is one shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data import load_dataset
+from data.errors import DataError
+from data.featurestore import ImageFeatures, Manifest, create_store, open_writer
+from data.loader import DetectionImages, collate
+from data.records import Dataset, ImageRecord
+from data.transforms import Preprocess, resize_params
+from detection.detector import Detector, load_detector
+from detection.device import select_device as resolve_device
+
+FEATURE_LAYER = "inception4e"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    teacher: Path
+    data: Path
+    out: str  # path or fsspec URL
+    split: str = "train"
+    backend: str = "zarr"
+    dtype: str = "float16"
+    proposals: int = 300
+    flip: bool = False
+    shard_size: int = 64
+    batch_size: int = 8
+    workers: int = 0  # 0: extract in this process; N >= 1: a Dask LocalCluster of N worker processes
+    scheduler: str | None = None  # address of an existing Dask scheduler (other machines)
+    mode: str = "create"  # "create" | "resume" | "overwrite"
+    device: str = "auto"
+    loader_workers: int = 2
+    storage_options: dict = field(default_factory=dict)
+    progress: bool = True
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_preprocess(meta: dict, source: Path) -> Preprocess:
+    if "preprocess" not in meta:
+        raise DataError(f"{source}: checkpoint meta has no 'preprocess'; was it written by `mimic train-teacher`?")
+    return Preprocess.from_dict(meta["preprocess"])
+
+
+def build_manifest(
+    *, teacher: Detector, meta: dict, teacher_sha: str, dataset: Dataset, pre: Preprocess, cfg: ExtractConfig
+) -> Manifest:
+    """Everything a student needs to check that the store matches what it is asked to train on."""
+    stride = teacher.feature_stride
+    max_h = max_w = 1
+    for r in dataset.records:
+        p = resize_params(r.width, r.height, pre)
+        fh, fw = teacher.feature_size(p.out_height, p.out_width)
+        max_h, max_w = max(max_h, fh), max(max_w, fw)
+    config = teacher.config
+    return Manifest(
+        teacher_arch="inception-bn",
+        teacher_width=float(config.width),
+        teacher_head=config.head,
+        teacher_sha256=teacher_sha,
+        classes=tuple(meta.get("classes", ())),
+        dataset_name=dataset.name,
+        dataset_split=dataset.split,
+        dataset_digest=dataset.digest(),
+        image_ids=tuple(r.image_id for r in dataset.records),
+        preprocess=pre.to_dict(),
+        flips=(False, True) if cfg.flip else (False,),
+        feature_layer=FEATURE_LAYER,
+        stride=stride,
+        channels=teacher.feature_channels,
+        max_hw=(max_h, max_w),
+        dtype=cfg.dtype,
+        num_proposals=cfg.proposals,
+        nms_threshold=float(config.rpn_nms_thresh),
+        shard_size=cfg.shard_size,
+        backend=cfg.backend,
+    )
+
+
+def _to_features(record: ImageRecord, out: dict[str, torch.Tensor]) -> ImageFeatures:
+    return ImageFeatures(
+        image_id=record.image_id,
+        features=out["features"].float().cpu().numpy(),
+        proposals=out["proposals"].float().cpu().numpy(),
+        scores=out["scores"].float().cpu().numpy(),
+        class_logits=out["class_logits"].float().cpu().numpy(),
+        box_deltas=out["box_deltas"].float().cpu().numpy(),
+    )
+
+
+@torch.inference_mode()
+def teacher_pass(
+    teacher: Detector, images: torch.Tensor, image_sizes: list[tuple[int, int]], *, top_k: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    use_amp = device.type == "cuda"
+    with torch.autocast(device_type=device.type, enabled=use_amp):
+        return teacher.teacher_outputs(images.to(device, non_blocking=True), image_sizes, top_k=top_k)
+
+
+def extract_shard(
+    teacher: Detector,
+    records: Sequence[ImageRecord],
+    pre: Preprocess,
+    *,
+    flips: Sequence[bool],
+    top_k: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[bool, list[ImageFeatures]]:
+    """Teacher outputs for one shard's images, for each flip setting, in record order (no DataLoader: used by
+    Dask tasks, where each task is one shard)."""
+    shard = Dataset("shard", "shard", (), tuple(records))
+    images = DetectionImages(shard, pre)
+    out: dict[bool, list[ImageFeatures]] = {}
+    for flip in flips:
+        items: list[ImageFeatures] = []
+        for start in range(0, len(records), batch_size):
+            batch = collate([images[(i, flip)] for i in range(start, min(start + batch_size, len(records)))])
+            outs = teacher_pass(teacher, batch.images, batch.image_sizes, top_k=top_k, device=device)
+            items += [_to_features(records[start + j], o) for j, o in enumerate(outs)]
+        out[flip] = items
+    return out
+
+
+def _local_batches(
+    dataset: Dataset, pre: Preprocess, shards: Sequence[int], shard_size: int, flips: Sequence[bool], cfg: ExtractConfig
+) -> Iterator:
+    """Batches in (shard, flip, image) order from a DataLoader, so decoding overlaps the teacher's compute."""
+    keys: list[tuple[int, bool]] = []
+    for s in shards:
+        start, stop = s * shard_size, min((s + 1) * shard_size, len(dataset))
+        for flip in flips:
+            keys += [(i, flip) for i in range(start, stop)]
+    # Batches never straddle a (shard, flip) block so each block is assembled from whole batches.
+    batches: list[list[tuple[int, bool]]] = []
+    block: list[tuple[int, bool]] = []
+    for key in keys:
+        if block and (key[0] // shard_size != block[0][0] // shard_size or key[1] != block[0][1]):
+            batches += [block[i : i + cfg.batch_size] for i in range(0, len(block), cfg.batch_size)]
+            block = []
+        block.append(key)
+    if block:
+        batches += [block[i : i + cfg.batch_size] for i in range(0, len(block), cfg.batch_size)]
+    loader = torch.utils.data.DataLoader(
+        DetectionImages(dataset, pre),
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=cfg.loader_workers,
+        prefetch_factor=4 if cfg.loader_workers else None,
+    )
+    yield from zip(batches, loader)
+
+
+def _extract_local(
+    teacher: Detector, dataset: Dataset, pre: Preprocess, manifest: Manifest, writer, shards: list[int], cfg: ExtractConfig
+) -> None:
+    device = next(teacher.parameters()).device
+    flips = manifest.flips
+    # Writer thread: compression and writes of shard s overlap the teacher's compute on shard s+1.
+    todo: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def write_loop() -> None:
+        while (job := todo.get()) is not None:
+            shard, per_flip = job
+            try:
+                if not failure:
+                    writer.write_shard(shard, per_flip[False], per_flip.get(True))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                failure.append(e)
+
+    thread = threading.Thread(target=write_loop, name="store-writer", daemon=True)
+    thread.start()
+    total = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in shards) * len(flips)
+    bar = tqdm(total=total, desc="extract", unit="img", disable=not cfg.progress)
+    current: int | None = None
+    per_flip: dict[bool, list[ImageFeatures]] = {}
+    try:
+        for keys, batch in _local_batches(dataset, pre, shards, manifest.shard_size, flips, cfg):
+            shard, flip = keys[0][0] // manifest.shard_size, keys[0][1]
+            if current is not None and shard != current:
+                todo.put((current, per_flip))
+                per_flip = {}
+            current = shard
+            outs = teacher_pass(teacher, batch.images, batch.image_sizes, top_k=manifest.num_proposals, device=device)
+            per_flip.setdefault(flip, []).extend(_to_features(dataset.records[i], o) for (i, _), o in zip(keys, outs))
+            bar.update(len(keys))
+            if failure:
+                break
+        if current is not None and not failure:
+            todo.put((current, per_flip))
+    finally:
+        todo.put(None)
+        thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+
+
+def load_teacher(path: Path, device: torch.device) -> tuple[Detector, dict, str]:
+    teacher, meta = load_detector(path, map_location="cpu")
+    teacher.eval().to(device)
+    return teacher, meta, file_sha256(path)
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Extract the teacher's records for every pending shard of ``cfg.out``. Returns a small summary."""
+    if cfg.proposals < 1:
+        raise ValueError(f"--proposals must be >= 1, got {cfg.proposals}")
+    if cfg.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    device = resolve_device(cfg.device)
+    teacher, meta, sha = load_teacher(Path(cfg.teacher), device)
+    pre = teacher_preprocess(meta, Path(cfg.teacher))
+    dataset = load_dataset(cfg.data, cfg.split, classes=meta.get("classes") or None)
+    if len(dataset) == 0:
+        raise DataError(f"{cfg.data}: split {cfg.split!r} has no images")
+    manifest = build_manifest(teacher=teacher, meta=meta, teacher_sha=sha, dataset=dataset, pre=pre, cfg=cfg)
+    writer = create_store(
+        cfg.out, manifest, backend=cfg.backend, mode=cfg.mode, storage_options=cfg.storage_options or None
+    )
+    shards = list(writer.pending_shards())
+    done_before = manifest.num_shards - len(shards)
+    if shards:
+        if cfg.workers or cfg.scheduler:
+            from pipeline.distributed import extract_on_dask
+
+            writer.close()
+            extract_on_dask(cfg, manifest, dataset, shards)
+        else:
+            try:
+                _extract_local(teacher, dataset, pre, manifest, writer, shards, cfg)
+            finally:
+                writer.close()
+    else:
+        writer.close()
+    return {
+        "store": str(cfg.out),
+        "images": manifest.num_images,
+        "shards": manifest.num_shards,
+        "shards_written": len(shards),
+        "shards_already_complete": done_before,
+        "flips": list(manifest.flips),
+        "dtype": manifest.dtype,
+    }

@@ -1,0 +1,193 @@
+"""Student-side data: dataset images joined with the teacher's stored records, streamed by DataLoader workers.
+
+This module must never import the teacher (``pipeline``): the whole point of the offline pipeline is that the
+student's process holds only the student and the store reader.
+
+Per item: the student's input image (exactly the teacher's preprocessing, at ``scale`` 1.0, or 0.5 for scale
+mimic), its ground truth in student-input pixels (none for unlabelled images), and the teacher's record for
+the same image and flip: features ``float32[Ct, h, w]`` and proposals ``float32[k, 4]`` in TEACHER-input
+pixels, scores ``[k]``, class logits ``[k, Kc]``, box deltas ``[k, 4Kc]``.
+
+A batch (:class:`MimicBatch`) holds labelled images first, then unlabelled ones (mimic only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data.featurestore import StoreReader, open_store
+from data.loader import Batch, DetectionImages, IterationSampler, _mix, collate
+from data.records import Dataset
+
+# A key addresses one item of one source: (source, index, flip); source 0 = labelled, 1 = unlabelled.
+MixedKey = tuple[int, int, bool]
+
+
+class MimicImages(torch.utils.data.Dataset):
+    """One or two (dataset, store) sources; ``__getitem__((source, index, flip))``."""
+
+    def __init__(self, sources: list[tuple[Dataset, StoreReader]], images: list[DetectionImages]):
+        self.sources = sources
+        self.images = images
+        # dataset index -> store index, per source (stores are addressed by image id, not position).
+        self._store_index = [
+            np.array([store.index_of(r.image_id) for r in ds.records], np.int64) for ds, store in sources
+        ]
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds, _ in self.sources)
+
+    def __getitem__(self, key: MixedKey) -> dict:
+        source, index, flip = key
+        item = self.images[source][(index, flip)]
+        _, store = self.sources[source]
+        rec = store.read(int(self._store_index[source][index]), flip=flip)
+        item["teacher"] = {
+            "features": torch.from_numpy(rec.features),
+            "proposals": torch.from_numpy(rec.proposals),
+            "scores": torch.from_numpy(rec.scores),
+            "class_logits": torch.from_numpy(rec.class_logits),
+            "box_deltas": torch.from_numpy(rec.box_deltas),
+        }
+        if source == 1:
+            item["labelled"] = False
+        return item
+
+
+@dataclass
+class MimicBatch:
+    batch: Batch  # the student's images and targets (labelled first)
+    num_labelled: int
+    teacher_features: torch.Tensor  # float32[N, Ct, Hf, Wf], zero-padded
+    teacher_hw: list[tuple[int, int]]  # valid (h, w) of each teacher map
+    teacher_proposals: list[torch.Tensor]  # [k_i, 4] teacher-input pixels
+    teacher_scores: list[torch.Tensor]
+    teacher_logits: list[torch.Tensor]  # [k_i, Kc]
+    teacher_deltas: list[torch.Tensor]  # [k_i, 4Kc]
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def to(self, device: torch.device | str) -> "MimicBatch":
+        move = lambda ts: [t.to(device, non_blocking=True) for t in ts]  # noqa: E731
+        return replace(
+            self,
+            batch=self.batch.to(device),
+            teacher_features=self.teacher_features.to(device, non_blocking=True),
+            teacher_proposals=move(self.teacher_proposals),
+            teacher_scores=move(self.teacher_scores),
+            teacher_logits=move(self.teacher_logits),
+            teacher_deltas=move(self.teacher_deltas),
+        )
+
+
+def collate_mimic(items: list[dict], *, size_divisor: int) -> MimicBatch:
+    items = sorted(items, key=lambda it: not it["labelled"])  # stable: labelled first, order kept
+    batch = collate(items, size_divisor=size_divisor)
+    maps = [it["teacher"]["features"] for it in items]
+    h = max(m.shape[1] for m in maps)
+    w = max(m.shape[2] for m in maps)
+    features = maps[0].new_zeros((len(maps), maps[0].shape[0], h, w))
+    for k, m in enumerate(maps):
+        features[k, :, : m.shape[1], : m.shape[2]] = m
+    return MimicBatch(
+        batch=batch,
+        num_labelled=sum(bool(it["labelled"]) for it in items),
+        teacher_features=features,
+        teacher_hw=[(int(m.shape[1]), int(m.shape[2])) for m in maps],
+        teacher_proposals=[it["teacher"]["proposals"] for it in items],
+        teacher_scores=[it["teacher"]["scores"] for it in items],
+        teacher_logits=[it["teacher"]["class_logits"] for it in items],
+        teacher_deltas=[it["teacher"]["box_deltas"] for it in items],
+    )
+
+
+class MixedSampler:
+    """Infinite batches of ``(source, index, flip)`` keys: ``labelled_per_batch`` from source 0 and the rest
+    from source 1 (when present). A pure function of ``(seed, iteration)``, so resumes are exact."""
+
+    def __init__(
+        self,
+        n_labelled: int,
+        n_unlabelled: int,
+        batch_size: int,
+        *,
+        unlabelled_fraction: float,
+        seed: int,
+        start_iter: int = 0,
+        flip: bool = False,
+    ):
+        n_unl = round(batch_size * unlabelled_fraction) if n_unlabelled else 0
+        n_lab = batch_size - n_unl
+        if n_lab < 1:
+            raise ValueError(
+                f"--unlabeled-fraction {unlabelled_fraction} leaves no labelled image in a batch of {batch_size}"
+            )
+        self.labelled = IterationSampler(n_labelled, n_lab, seed=seed, flip=flip)
+        self.unlabelled = (
+            IterationSampler(n_unlabelled, n_unl, seed=_mix(seed, 1), flip=flip) if n_unl else None
+        )
+        self.start_iter = start_iter
+
+    def batch(self, iteration: int) -> list[MixedKey]:
+        keys = [(0, i, f) for i, f in self.labelled.batch(iteration)]
+        if self.unlabelled is not None:
+            keys += [(1, i, f) for i, f in self.unlabelled.batch(iteration)]
+        return keys
+
+    def __iter__(self) -> Iterator[list[MixedKey]]:
+        iteration = self.start_iter
+        while True:
+            yield self.batch(iteration)
+            iteration += 1
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_mimic_loader(
+    dataset: MimicImages, sampler, *, num_workers: int = 2, prefetch_factor: int = 4
+) -> DataLoader:
+    size_divisor = dataset.images[0].size_divisor
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate_mimic, size_divisor=size_divisor),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )
+
+
+def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | None = None) -> StoreReader:
+    """Open a store and check it covers every image of ``dataset`` (by id) with complete shards."""
+    from data.errors import StoreError
+
+    store = open_store(store_url, storage_options=storage_options or None)
+    missing = [r.image_id for r in dataset.records if r.image_id not in store]
+    if missing:
+        raise StoreError(
+            f"{store_url}: store has no record for {len(missing)} of {len(dataset)} images of "
+            f"{dataset.name}/{dataset.split} (first: {missing[0]!r}); extract the teacher on this split"
+        )
+    if not store.is_complete():
+        done = len(store.completed_shards())
+        raise StoreError(
+            f"{store_url}: store is incomplete ({done}/{store.manifest.num_shards} shards); "
+            "finish it with `mimic extract-teacher ... --resume`"
+        )
+    return store
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
