@@ -3,6 +3,7 @@ function per command. No logic lives here."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -11,12 +12,15 @@ from data.errors import DataError, StoreError
 
 
 class _Group(click.Group):
-    """Turns the errors we raise for bad input into clean one-line messages (exit code 1, no traceback)."""
+    """Turns the errors raised for bad input or configuration into one-line messages (exit code 1, no traceback)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (DataError, StoreError, FileNotFoundError, FileExistsError) as e:
+        except (DataError, StoreError, FileNotFoundError, FileExistsError, ValueError) as e:
+            # Configuration and input errors carry a message meant for the user; MIMICDET_DEBUG=1 keeps the traceback.
+            if os.environ.get("MIMICDET_DEBUG"):
+                raise
             raise click.ClickException(str(e)) from None
 
 
@@ -105,6 +109,238 @@ def verify_store_command(store, data_root, split) -> None:
     if not report.ok:
         sys.exit(1)
 # --- end inspect-store / verify-store ---
+
+# --- extract-teacher / train-student (offline mimic pipeline) ---
+def _csv(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+    return parse
+
+
+def _fraction(ctx, param, value):
+    """'1/4' or '0.25' -> 0.25."""
+    try:
+        if "/" in str(value):
+            a, b = str(value).split("/")
+            v = float(a) / float(b)
+        else:
+            v = float(value)
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"expected a width like 1/4 or 0.25, got {value!r}") from None
+    if not 0 < v <= 1:
+        raise click.BadParameter(f"width must be in (0, 1], got {value!r}")
+    return v
+
+
+def _storage_options():
+    import os
+
+    endpoint = os.environ.get("MIMICDET_S3_ENDPOINT")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+@main.command("extract-teacher")
+@click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False), help="Teacher checkpoint (model.pt from train-teacher).")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech) or a plain folder of images (no labels needed).")
+@click.option("--split", default="train", show_default=True, help="Split of --data to extract.")
+@click.option("--out", required=True, help="Store location: a path or an fsspec URL (s3://bucket/prefix).")
+@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Feature map storage type (int8: per-channel scale).")
+@click.option("--proposals", default=300, show_default=True, type=click.IntRange(min=1), help="Top-K teacher proposals stored per image.")
+@click.option("--flip", is_flag=True, help="Also store the horizontally flipped pass (students training with flips mimic these).")
+@click.option("--shard-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per shard file.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Dask LocalCluster worker processes (0: extract in this process).")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (tcp://host:8786).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted extraction (refused if the teacher or dataset changed).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:K]")
+def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals, flip, shard_size, batch_size,
+                            workers, scheduler, resume, overwrite, device) -> None:
+    """Run the teacher once over a dataset into a compressed, sharded, resumable feature store."""
+    from pathlib import Path
+
+    from pipeline.extract import ExtractConfig, run_extract
+
+    if resume and overwrite:
+        raise click.BadParameter("--resume and --overwrite exclude each other", param_hint="--resume/--overwrite")
+    if workers and scheduler:
+        raise click.BadParameter("--workers starts a local cluster; --scheduler joins one: give one", param_hint="--workers/--scheduler")
+    summary = run_extract(ExtractConfig(
+        teacher=Path(teacher), data=Path(data), split=split, out=out, backend=backend, dtype=dtype,
+        proposals=proposals, flip=flip, shard_size=shard_size, batch_size=batch_size, workers=workers,
+        scheduler=scheduler, mode="resume" if resume else "overwrite" if overwrite else "create", device=device,
+        storage_options=_storage_options()))
+    click.echo(f"wrote {summary['shards_written']} shard(s), {summary['shards_already_complete']} already complete: "
+               f"{summary['images']} images, flips {summary['flips']}, {summary['dtype']} -> {summary['store']}")
+
+
+@main.command("train-student")
+@click.option("--store", required=True, help="Feature store of the labelled split (from extract-teacher).")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root holding the labelled images.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (rerun the same command to resume).")
+@click.option("--width", default="1/4", show_default=True, callback=_fraction, help="Student width multiplier (1/2, 1/4, 1/8 ...).")
+@click.option("--stage", type=click.IntRange(1, 2), default=1, show_default=True, help="1: backbone + RPN; 2: full detector.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None, help="Stage 2: the stage-1 student's model.pt.")
+@click.option("--head", type=click.Choice(["fast-rcnn", "rfcn"]), default="fast-rcnn", show_default=True, help="Stage-2 head.")
+@click.option("--mimic", type=click.Choice(["roi", "map", "logits", "none"]), default="roi", show_default=True,
+              help="roi: paper's RoI feature mimic; map: whole-map L2; logits: head logits only (stage 2); none: from scratch.")
+@click.option("--sampler", type=click.Choice(["roialign", "native"]), default="roialign", show_default=True, help="How regions sample the maps.")
+@click.option("--mimic-weight", default=1.0, show_default=True, type=float, help="λ1, weight of the feature mimic loss.")
+@click.option("--logits-weight", default=None, type=float, help="Weight of logits matching (default 1 in stage 2 for roi/logits, else 0).")
+@click.option("--scale-mimic", is_flag=True, help="Student sees a half-size image and upsamples its map x2.")
+@click.option("--rois-per-image", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--flip", is_flag=True, help="Random horizontal flips (needs a store extracted with --flip).")
+@click.option("--iters", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.02, show_default=True, type=float)
+@click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int))
+@click.option("--aspect-ratios", default="0.5,1,2", show_default=True, callback=_csv(float), help="height/width ratios.")
+@click.option("--unlabeled", default=None, help="Store of extra images without labels (mimic loss only).")
+@click.option("--unlabeled-data", type=click.Path(exists=True), default=None, help="Where the --unlabeled images are.")
+@click.option("--unlabeled-split", default="train", show_default=True)
+@click.option("--unlabeled-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each batch drawn from --unlabeled.")
+@click.option("--subset", default=None, type=click.IntRange(min=1), help="Use only N labelled images (seeded choice).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
+@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--eval-split", default=None, help="Split for periodic recall evaluation.")
+@click.option("--overwrite", is_flag=True)
+def train_student_command(store, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
+                          logits_weight, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
+                          aspect_ratios, unlabeled, unlabeled_data, unlabeled_split, unlabeled_fraction, subset, seed,
+                          device, workers, eval_every, eval_split, overwrite) -> None:
+    """Train a student detector from a teacher's feature store (the teacher is never loaded)."""
+    from pathlib import Path
+
+    from student.train import StudentConfig, run_train_student
+
+    summary = run_train_student(StudentConfig(
+        store=store, data=Path(data), split=split, out=Path(out), width=width, stage=stage,
+        init=Path(init) if init else None, head=head, mimic=mimic, sampler=sampler, mimic_weight=mimic_weight,
+        logits_weight=logits_weight, scale_mimic=scale_mimic, rois_per_image=rois_per_image, flip=flip, iters=iters,
+        batch_size=batch_size, lr=lr, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios, unlabeled=unlabeled,
+        unlabeled_data=Path(unlabeled_data) if unlabeled_data else None, unlabeled_split=unlabeled_split,
+        unlabeled_fraction=unlabeled_fraction, subset=subset, seed=seed, device=device, workers=workers,
+        eval_every=eval_every, eval_split=eval_split, overwrite=overwrite, storage_options=_storage_options()))
+    click.echo(f"student at iteration {summary['iteration']}: {summary['model']} "
+               f"({summary['s_per_iter']:.3f} s/iter, {100 * summary['data_fraction']:.1f}% waiting for data)")
+# --- end extract-teacher / train-student ---
+
+# --- train-teacher / evaluate ---
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not items:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
+    return items
+
+
+def _float_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        items = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if not items:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}")
+    return items
+
+
+@main.command("train-teacher")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumes when it exists).")
+@click.option("--width", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Backbone width multiplier.")
+@click.option("--head", default="fast-rcnn", show_default=True, type=click.Choice(["fast-rcnn", "rfcn"]))
+@click.option("--iters", default=None, type=click.IntRange(min=1),
+              help="Training iterations [default: sized to finish in 10 min on 2 CPU cores].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Base learning rate.")
+@click.option("--min-size", default=256, show_default=True, type=click.IntRange(min=1), help="Shorter side, px.")
+@click.option("--max-size", default=512, show_default=True, type=click.IntRange(min=1), help="Longer side cap, px.")
+@click.option("--anchor-preset", default="default", show_default=True, type=click.Choice(["default", "pedestrian"]),
+              help="Anchor sizes and aspect ratios; --anchor-sizes / --aspect-ratios override its parts.")
+@click.option("--anchor-sizes", default=None, callback=_int_list, help="e.g. 16,32,64,128 (input px).")
+@click.option("--aspect-ratios", default=None, callback=_float_list, help="height/width, e.g. 0.5,1,2.")
+@click.option("--rpn-channels", default=None, type=click.IntRange(min=1))
+@click.option("--init-from", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="torchvision GoogLeNet state dict (width 1 only).")
+@click.option("--flip", is_flag=True, help="Random horizontal flips.")
+@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Evaluate on --eval-split every N iterations (0: never).")
+@click.option("--eval-split", default="test", show_default=True)
+@click.option("--eval-max-images", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
+@click.option("--overwrite", is_flag=True, help="Replace a run at --out made with another configuration.")
+def train_teacher_command(data, split, out, width, head, iters, batch_size, lr, min_size, max_size, anchor_preset,
+                          anchor_sizes, aspect_ratios, rpn_channels, init_from, flip, eval_every, eval_split,
+                          eval_max_images, checkpoint_every, seed, device, workers, overwrite) -> None:
+    """Train a teacher detector; writes OUT/model.pt (and a resumable OUT/checkpoint.pt)."""
+    from pathlib import Path
+
+    from pipeline.teacher import DEFAULT_ITERS, DEFAULT_LR, TeacherConfig, format_summary, train_teacher
+
+    try:
+        config = TeacherConfig(
+            data=Path(data), split=split, out=Path(out), width=width, head=head, iters=iters or DEFAULT_ITERS,
+            batch_size=batch_size, lr=lr or DEFAULT_LR, min_size=min_size, max_size=max_size,
+            anchor_preset=anchor_preset, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
+            rpn_channels=rpn_channels, init_from=Path(init_from) if init_from else None, flip=flip,
+            eval_every=eval_every, eval_split=eval_split, eval_max_images=eval_max_images,
+            checkpoint_every=checkpoint_every, seed=seed, device=device, workers=workers, overwrite=overwrite,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(format_summary(train_teacher(config)))
+
+
+@main.command("evaluate")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Teacher or student checkpoint (model.pt).")
+@click.option("--data", required=True, type=click.Path(exists=True))
+@click.option("--split", default="test", show_default=True)
+@click.option("--metrics", default="voc,coco,recall", show_default=True, help="Any of voc,coco,recall,caltech.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--plots", default=None, type=click.Path(file_okay=False), help="Write PNG plots into this folder.")
+@click.option("--max-images", default=None, type=click.IntRange(min=1))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--profile/--no-profile", default=True, show_default=True, help="Measure GFLOPs and ms/image.")
+def evaluate_command(model_path, data, split, metrics, out, plots, max_images, batch_size, workers, device,
+                     profile) -> None:
+    """Evaluate a checkpoint: proposal recall, VOC mAP, COCO AP, Caltech miss rate, parameters, GFLOPs, speed."""
+    from pathlib import Path
+
+    from detection.evaluate import EvalConfig, run_evaluate
+
+    try:
+        config = EvalConfig(
+            model=Path(model_path), data=Path(data), split=split, metrics=tuple(metrics.split(",")),
+            out=Path(out) if out else None, plots=Path(plots) if plots else None, max_images=max_images,
+            device=device, batch_size=batch_size, workers=workers, profile=profile,
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--metrics") from None
+    run_evaluate(config)
+# --- end train-teacher / evaluate ---
 
 # --- end of commands ---
 

@@ -1,6 +1,7 @@
 """Profile the detector family (w = 1, 1/2, 1/4, 1/8, Fast R-CNN head) at one or more input sizes.
 
-Usage: ``python benchmarks/profile_family.py [--sizes 256x256,1000x1500] [--out benchmarks/results/profile_family.json]``
+Usage:
+``python benchmarks/profile_family.py [--sizes 256x256,1000x1500] [--out benchmarks/results/profile_family.json]``
 
 Models are timed round-robin on the same input (one ``predict`` of each in turn), so machine-load drift hits
 every width alike. Prints a markdown table (latency in ms, GFLOPs, parameters; speed-up and parameter ratio

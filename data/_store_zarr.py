@@ -92,7 +92,7 @@ class ZarrBackend:
             names = list(self.manifest.arrays())
 
             async def open_all() -> list[Any]:
-                return await asyncio.gather(*(zasync.open_array(store=store, path=n, mode="r+" if self.writable else "r") for n in names))
+                return await asyncio.gather(*(zasync.open_array(store=store, path=n, mode="r+" if self.writable else "r", zarr_format=3) for n in names))
 
             self._arrays = dict(zip(names, sync(open_all())))
         return self._arrays

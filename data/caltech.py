@@ -93,7 +93,8 @@ def read_vbb(path: Path) -> tuple[int, list[list[_Object]]]:
         raise DataError(f"{path}: cannot read .vbb annotation ({type(e).__name__}: {e})") from None
     a = mat.get("A")
     if not isinstance(a, np.ndarray) or a.dtype.names is None or a.size != 1:
-        raise DataError(f"{path}: expected a MATLAB struct 'A' (vbb annotation), found {sorted(k for k in mat if not k.startswith('__'))}")
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{path}: expected a MATLAB struct 'A' (vbb annotation), found variables {found}")
     a = a.ravel()[0]
     missing = [f for f in ("nFrame", "objLists", "objLbl") if f not in a.dtype.names]
     if missing:

@@ -92,7 +92,9 @@ def read_coco(
     if len(set(names)) != len(names):
         raise DataError(f"{src}: category names must be unique, got {list(names)}")
     if classes is not None and tuple(classes) != names:
-        raise DataError(f"{src}: categories (in id order) are {list(names)}, but classes {list(classes)} were asked for")
+        raise DataError(
+            f"{src}: categories (in id order) are {list(names)}, but classes {list(classes)} were asked for"
+        )
     label_of = {cid: k + 1 for k, cid in enumerate(ids)}
 
     images: dict = {}

@@ -88,6 +88,7 @@ class DetectionImages(torch.utils.data.Dataset):
             "flip": bool(flip),
             "params": params,
             "labelled": rec.labelled,
+            "size_divisor": self.size_divisor,
         }
 
 
@@ -96,7 +97,9 @@ class IterationSampler:
 
     def __init__(self, n: int, batch_size: int, *, seed: int, start_iter: int = 0, flip: bool = False):
         if n < 1 or batch_size < 1 or start_iter < 0:
-            raise ValueError(f"IterationSampler: need n >= 1, batch_size >= 1, start_iter >= 0; got {n}, {batch_size}, {start_iter}")
+            raise ValueError(
+                f"IterationSampler: need n >= 1, batch_size >= 1, start_iter >= 0; got {n}, {batch_size}, {start_iter}"
+            )
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.start_iter, self.flip = int(start_iter), bool(flip)
         self._perms: dict[int, torch.Tensor] = {}
@@ -133,7 +136,9 @@ class IterationSampler:
 
     @classmethod
     def from_state(cls, state: dict) -> "IterationSampler":
-        return cls(state["n"], state["batch_size"], seed=state["seed"], start_iter=state["iteration"], flip=state["flip"])
+        return cls(
+            state["n"], state["batch_size"], seed=state["seed"], start_iter=state["iteration"], flip=state["flip"]
+        )
 
 
 class EvalSampler:
@@ -183,10 +188,19 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-def collate(items: list[dict], *, size_divisor: int = 32) -> Batch:
-    """Stack items into a zero-padded batch whose height and width are multiples of ``size_divisor``."""
+def collate(items: list[dict], *, size_divisor: int | None = None) -> Batch:
+    """Stack items into a zero-padded batch whose height and width are multiples of ``size_divisor``.
+
+    By default the divisor is the one the items carry (:attr:`DetectionImages.size_divisor`, which follows
+    the preprocessing and the input scale), else 32.
+    """
     if not items:
         raise ValueError("collate: empty batch")
+    if size_divisor is None:
+        carried = {it.get("size_divisor", 32) for it in items}
+        if len(carried) != 1:
+            raise ValueError(f"collate: items disagree on size_divisor {sorted(carried)}")
+        size_divisor = carried.pop()
     sizes = [tuple(it["image"].shape[1:]) for it in items]
     h = math.ceil(max(s[0] for s in sizes) / size_divisor) * size_divisor
     w = math.ceil(max(s[1] for s in sizes) / size_divisor) * size_divisor

@@ -141,12 +141,14 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def normalize(image: np.ndarray, pre: Preprocess) -> torch.Tensor:
     """``uint8[H, W, 3]`` -> ``float32[3, H, W]``: ``(pixel / 255 - mean) / std`` per channel."""
+    image = np.ascontiguousarray(image)  # torch.from_numpy refuses negative strides (flipped views)
     if not image.flags.writeable:
-        image = image.copy()  # torch.from_numpy wants a writable buffer
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        image = image.copy()  # and wants a writable buffer
+    # Make CHW contiguous while still uint8: the float passes then run on contiguous memory (3x faster).
+    t = torch.from_numpy(image).permute(2, 0, 1).contiguous().to(torch.float32).div_(255.0)
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
-    return t.sub_(mean).div_(std).contiguous()
+    return t.sub_(mean).div_(std)
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -146,7 +146,11 @@ def load_googlenet_weights(backbone: InceptionBackbone, path: str | Path) -> Non
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
         )
-    bad = [f"{k}: file {list(state[k].shape)} != backbone {list(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    bad = [
+        f"{k}: file {list(state[k].shape)} != backbone {list(v.shape)}"
+        for k, v in own.items()
+        if state[k].shape != v.shape
+    ]
     if bad:
         raise DataError(f"{path}: shape mismatch: {'; '.join(bad[:5])}")
     backbone.load_state_dict(state, strict=True)

@@ -203,7 +203,9 @@ class Detector(nn.Module):
         if len(image_sizes) != features.shape[0]:
             raise ValueError(f"image_sizes has {len(image_sizes)} entries for {features.shape[0]} images")
         if self.training and targets is None:
-            raise ValueError("Detector in training mode needs targets: per image {'boxes': float[M,4], 'labels': int64[M]}")
+            raise ValueError(
+                "Detector in training mode needs targets: per image {'boxes': float[M,4], 'labels': int64[M]}"
+            )
         if targets is not None:
             _check_targets(targets, len(image_sizes), self.config.num_classes)
         if proposals is not None:
@@ -259,7 +261,9 @@ class Detector(nn.Module):
         return dets
 
     @torch.no_grad()
-    def teacher_outputs(self, images: Tensor, image_sizes: list[tuple[int, int]], *, top_k: int) -> list[dict[str, Tensor]]:
+    def teacher_outputs(
+        self, images: Tensor, image_sizes: list[tuple[int, int]], *, top_k: int
+    ) -> list[dict[str, Tensor]]:
         """What a teacher writes to the feature store, per image, in eval mode:
         ``"features"`` ``[C, ceil(h_i/stride), ceil(w_i/stride)]`` (the valid area), ``"proposals"`` ``[k, 4]`` and
         ``"scores"`` ``[k]`` (the RPN's top ``k <= top_k``), ``"class_logits"`` ``[k, K]`` and ``"box_deltas"``

@@ -101,7 +101,9 @@ def latency_summary(samples_ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(s), "p90_ms": p90, "n": len(s)}
 
 
-def profile_static(model: Detector, input_size: tuple[int, int], *, device: str | torch.device = "cpu") -> dict[str, Any]:
+def profile_static(
+    model: Detector, input_size: tuple[int, int], *, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Everything but latency: params, GFLOPs (whole and backbone), peak memory. Puts ``model`` in eval mode."""
     dev = torch.device(device)
     model.to(dev).eval()

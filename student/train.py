@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from data import load_dataset
 from data.errors import DataError, StoreError
-from data.featurestore import StoreReader
+from data.featurestore import StoreReader, open_store
 from data.loader import DetectionImages
 from data.records import Dataset
 from data.transforms import Preprocess
@@ -257,7 +257,9 @@ def _preprocess_of(store: StoreReader) -> Preprocess:
 
 def run_train_student(cfg: StudentConfig) -> dict:
     """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary."""
-    dataset = _labelled_subset(load_dataset(cfg.data, cfg.split), cfg)
+    # The teacher fixed the class order (label k+1 <-> classes[k]); read the data with the store's classes.
+    classes = open_store(cfg.store, storage_options=cfg.storage_options or None).manifest.classes
+    dataset = _labelled_subset(load_dataset(cfg.data, cfg.split, classes=list(classes) or None), cfg)
     store = open_source(cfg.store, dataset, storage_options=cfg.storage_options)
     manifest = store.manifest
     store.check_compatible(classes=dataset.classes)
@@ -274,7 +276,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
     images = [DetectionImages(dataset, pre, scale=cfg.input_scale)]
     n_unl = 0
     if cfg.unlabeled:
-        unl = load_dataset(cfg.unlabeled_data, cfg.unlabeled_split)
+        unl = load_dataset(cfg.unlabeled_data, cfg.unlabeled_split, classes=list(classes) or None)
         unl = replace(unl, records=tuple(replace(r, labelled=False) for r in unl.records))
         unl_store = open_source(cfg.unlabeled, unl, storage_options=cfg.storage_options)
         if unl_store.manifest.teacher_sha256 != manifest.teacher_sha256:

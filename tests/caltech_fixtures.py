@@ -63,9 +63,9 @@ def seq_header(width: int, height: int, n_frames: int, *, image_format: int = 10
     struct.pack_into("<I", head, 0, 0xFEED)
     head[4:28] = "Norpix seq".encode("utf-16-le").ljust(24, b"\0")
     struct.pack_into("<ii", head, 28, 3, 1024)
-    struct.pack_into(
-        "<9Id", head, 548, width, height, 24, 8, width * height * 3, image_format, n_frames, 0, width * height * 3 + 8, 30.0
-    )
+    size = width * height * 3
+    # width, height, bit depth, real bit depth, image size, format, frames, origin, true size, frame rate
+    struct.pack_into("<9Id", head, 548, width, height, 24, 8, size, image_format, n_frames, 0, size + 8, 30.0)
     return bytes(head)
 
 

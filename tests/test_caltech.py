@@ -111,6 +111,7 @@ def test_load_dataset_detects_both_layouts(original, converted):
 
 def test_unknown_caltech_label_is_an_error(tmp_path):
     cf.make_original(tmp_path)
-    cf.write_vbb(tmp_path / "annotations" / "set00" / "V000.vbb", cf.FRAMES, {2: [dict(cf.SPEC["set00"]["V000"][2][0], lbl="cyclist")]})
+    cyclist = dict(cf.SPEC["set00"]["V000"][2][0], lbl="cyclist")
+    cf.write_vbb(tmp_path / "annotations" / "set00" / "V000.vbb", cf.FRAMES, {2: [cyclist]})
     with pytest.raises(DataError, match=r"V000\.vbb frame 2 object 0: label 'cyclist'"):
         read_caltech(tmp_path, split="train", every=3)

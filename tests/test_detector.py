@@ -57,7 +57,9 @@ def test_shapes_for_every_width_and_head(width: float, head: str) -> None:
     out, losses = m(images, sizes, targets)
     assert isinstance(out, DetectorOutputs)
     assert out.features.shape == (2, c, 4, 5)
-    expected = {"loss_objectness", "loss_rpn_box_reg"} | ({"loss_classifier", "loss_box_reg"} if head != "none" else set())
+    expected = {"loss_objectness", "loss_rpn_box_reg"}
+    if head != "none":
+        expected |= {"loss_classifier", "loss_box_reg"}
     assert set(losses) == expected
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     if head == "none":
@@ -256,7 +258,12 @@ def test_checkpoint_round_trip_and_refusal(tmp_path) -> None:
 
 def _squares() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """Four 64x64 noise images with 1-2 bright squares off the anchor grid."""
-    boxes = [[[5, 7, 27, 29]], [[31, 19, 57, 45], [3, 39, 21, 57]], [[21, 5, 43, 27]], [[9, 29, 35, 55], [41, 7, 55, 21]]]
+    boxes = [
+        [[5, 7, 27, 29]],
+        [[31, 19, 57, 45], [3, 39, 21, 57]],
+        [[21, 5, 43, 27]],
+        [[9, 29, 35, 55], [41, 7, 55, 21]],
+    ]
     g = torch.Generator().manual_seed(1)
     images = 0.1 * torch.randn(4, 3, 64, 64, generator=g)
     for img, bl in zip(images, boxes):

@@ -166,6 +166,16 @@ class StoreTests:
         with pytest.raises(StoreError, match="no flipped features"):
             plain.read(0, flip=True)
 
+    def test_shard_cache_reads_the_same(self, tmp_path):
+        store = self.filled(tmp_path / "s", flips=(False, True), dtype="int8")
+        plain, cached = open_store(str(store)), pickle.loads(pickle.dumps(open_store(str(store), cache_shards=1)))
+        assert cached.cache_shards == 1
+        for i, flip in [(5, False), (4, True), (9, False), (0, True), (5, True)]:
+            a, b = cached.read(i, flip=flip), plain.read(i, flip=flip)
+            np.testing.assert_array_equal(a.features, b.features)
+            np.testing.assert_array_equal(a.box_deltas, b.box_deltas)
+        assert len(cached._cache) == 1  # LRU of one shard
+
     def test_index_of_and_contains(self, tmp_path):
         reader = open_store(str(self.filled(tmp_path / "s")))
         assert reader.index_of("img007") == 7 and "img007" in reader and "nope" not in reader
@@ -328,7 +338,7 @@ class StoreTests:
     def test_killed_writer_leaves_complete_shards_only(self, tmp_path):
         """SIGKILL a real writer process mid-run: every marked shard verifies, the rest are pending."""
         store = tmp_path / "s"
-        manifest = make_manifest(image_ids=tuple(f"img{i:03d}" for i in range(160)), shard_size=8, max_hw=(40, 50), channels=32)
+        manifest = make_manifest(image_ids=tuple(f"img{i:03d}" for i in range(160)), shard_size=8, max_hw=(20, 25), channels=16)
         create_store(str(store), manifest, backend=self.backend).close()
         script = textwrap.dedent(f"""
             from tests.test_featurestore import write_shards

@@ -97,7 +97,10 @@ def test_collate_pads_with_zeros_to_the_divisor():
 
 
 def test_half_scale_dataset_pads_to_half_the_divisor(tiny):
-    assert DetectionImages(tiny, PRE, scale=0.5).size_divisor == 16
+    half = DetectionImages(tiny, PRE, scale=0.5)
+    assert half.size_divisor == 16
+    batch = collate([half[(0, False)], half[(2, True)]])  # the divisor travels with the items
+    assert batch.image_sizes == [(16, 22), (16, 22)] and batch.images.shape[-2:] == (16, 32)
     with pytest.raises(ValueError, match="whole number"):
         DetectionImages(tiny, PRE, scale=0.3)
 

@@ -3,6 +3,7 @@ atomic writes and the CLI. Tiny sizes throughout; rendering in-process costs a f
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from PIL import Image
 from cli import main
 from data.records import Dataset, ImageRecord
 from data.summary import SIZE_BUCKETS, draw_preview, format_summary, summarize
-from data.synthetic import CLASSES, SPLITS, SyntheticConfig, ensure_dataset, load_sources, render_image
+from data.synthetic import CLASSES, JPEG_QUALITY, SPLITS, SyntheticConfig, ensure_dataset, load_sources, render_image
 from data.voc import read_voc
 
 RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon"
@@ -112,7 +113,8 @@ def test_object_sizes_cover_small_to_large(sample):
 def test_boxes_lie_inside_the_image_and_tightly_around_the_pasted_object(sample):
     checked = 0
     for r in sample:
-        changed = np.abs(r.clean.astype(int) - r.background.astype(int)).max(axis=2) > 8
+        diff = np.abs(r.clean.astype(int) - r.background.astype(int)).max(axis=2)
+        changed, touched = diff > 8, diff > 2  # touched: also the faint edge of a mask (alpha ~0.1)
         for p in r.targets:
             x1, y1, x2, y2 = p.box
             assert 0 <= x1 < x2 <= 256 and 0 <= y1 < y2 <= 256
@@ -120,7 +122,8 @@ def test_boxes_lie_inside_the_image_and_tightly_around_the_pasted_object(sample)
             assert inside.mean() > 0.1, (p, inside.mean())
             if p.visible == 1.0:
                 # Every edge of the box touches the object: the box is not loose.
-                assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any(), p
+                edge = touched[y1:y2, x1:x2]
+                assert edge[0].any() and edge[-1].any() and edge[:, 0].any() and edge[:, -1].any(), p
                 checked += 1
         # Away from every pasted layer the image is the background (5 px: the widest blur kernel's radius).
         covered = np.zeros((256, 256), bool)
@@ -141,8 +144,9 @@ def test_voc_reader_reads_back_what_was_rendered(tiny):
             assert rec.image_id == f"{split}_{k:06d}" and (rec.width, rec.height) == (128, 128)
             np.testing.assert_array_equal(rec.boxes, np.array([p.box for p in r.targets], np.float32).reshape(-1, 4))
             assert [CLASSES[label - 1] for label in rec.labels] == [p.name for p in r.targets]
-            pixels = np.asarray(Image.open(rec.path).convert("RGB"), float)
-            assert np.abs(pixels - r.image).mean() < 4  # JPEG quality 90
+            encoded = io.BytesIO()
+            Image.fromarray(r.image).save(encoded, format="JPEG", quality=JPEG_QUALITY)
+            assert rec.path.read_bytes() == encoded.getvalue()
 
 
 def test_existing_dataset_is_reused_and_other_parameters_are_refused(tiny, tmp_path):
@@ -164,7 +168,7 @@ def test_existing_dataset_is_reused_and_other_parameters_are_refused(tiny, tmp_p
 def test_interrupted_generation_leaves_nothing_behind(tmp_path):
     out = tmp_path / "big"
     code = (f"from data.synthetic import SyntheticConfig, ensure_dataset; "
-            f"ensure_dataset(SyntheticConfig(out={str(out)!r}, train=20000, test=0, workers=2, progress=False))")
+            f"ensure_dataset(SyntheticConfig(out={str(out)!r}, train=20000, test=0, workers=1, progress=False))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
         deadline = time.time() + 60
@@ -193,11 +197,11 @@ def test_cli_make_data_prints_summary_draws_previews_and_refuses_a_mismatch(tmp_
     assert (out / "ImageSets" / "Main" / "train.txt").read_text().split()[-1] == "train_000005"
     assert not (out / "ImageSets" / "Main" / "pool.txt").exists()
 
-    refused = CliRunner().invoke(main, args[:6] + ["7"] + args[7:])
+    refused = CliRunner().invoke(main, args[:5] + ["7"] + args[6:])
     assert refused.exit_code == 1
     assert "other parameters: train=6 (asked 7)" in refused.output and "Traceback" not in refused.output
 
-    replaced = CliRunner().invoke(main, args[:6] + ["7"] + args[7:] + ["--overwrite"])
+    replaced = CliRunner().invoke(main, args[:5] + ["7"] + args[6:] + ["--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert len((out / "ImageSets" / "Main" / "train.txt").read_text().split()) == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no tmp or old folders left

@@ -1,0 +1,335 @@
+"""Evaluate a detector checkpoint on a dataset split (``mimic evaluate``); :func:`evaluate_model` for reuse.
+
+The checkpoint's ``meta`` says how its input was made: ``preprocess`` (resize rule, mean/std, size divisor)
+and ``input_scale`` (0.5 for a scale-mimic student that sees half-size images; 1.0 when absent). Images go
+through exactly that preprocessing, ``predict`` gives boxes in input pixels, and each box is mapped back to
+ORIGINAL image pixels with the image's own :class:`data.transforms.PrepParams` (divide by the per-axis resize
+factor; padding sits right and bottom so it needs no offset), then clipped to the image.
+
+Metrics (any of :data:`METRICS`): ``recall`` (proposal recall at IoU 0.5/0.7 for the top 100/300 and AR),
+``voc`` (mAP at IoU 0.5, 11-point and area rules), ``coco`` (AP, AP50, AP75, APs/m/l via pycocotools),
+``caltech`` (log-average miss rate). Cost from :func:`detection.profile.profile_model` at the dataset's
+typical (median) padded input size: parameters per part, GFLOPs, ms per image. Boxes x1y1x2y2, pixels; times in
+seconds unless named ``_ms``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from data.errors import DataError
+from data.records import Dataset
+
+METRICS = ("voc", "coco", "recall", "caltech")
+DEFAULT_METRICS = ("voc", "coco", "recall")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    model: Path
+    data: Path
+    split: str = "test"
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    out: Path | None = None  # report JSON
+    plots: Path | None = None  # folder for PNG plots
+    max_images: int | None = None
+    device: str = "auto"
+    batch_size: int = 4
+    workers: int = 0
+    profile: bool = True
+    progress: bool | None = None  # None: progress bar only on a terminal
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", check_metrics(self.metrics))
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {self.batch_size}, {self.workers}")
+
+
+def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(m.strip() for m in metrics if m.strip()))
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"metrics must be a non-empty subset of {', '.join(METRICS)}, got {list(metrics)}")
+    return names
+
+
+def _preprocess_and_scale(meta: dict) -> tuple[Any, float]:
+    from data.transforms import Preprocess
+
+    if "preprocess" not in meta:
+        raise DataError(f"checkpoint meta has no field 'preprocess' (fields: {sorted(meta)}); cannot rebuild its input")
+    scale = float(meta.get("input_scale", 1.0))
+    if not scale > 0:
+        raise DataError(f"checkpoint meta field 'input_scale' must be > 0, got {meta['input_scale']!r}")
+    return Preprocess.from_dict(meta["preprocess"]), scale
+
+
+def typical_input_size(dataset: Dataset, meta: dict) -> tuple[int, int]:
+    """Median padded network input ``(h, w)`` over the dataset, under the checkpoint's preprocessing."""
+    from data.transforms import resize_params
+
+    pre, scale = _preprocess_and_scale(meta)
+    div = max(1, round(pre.size_divisor * scale))
+    if not len(dataset):
+        return pre.min_size, pre.min_size
+    hs, ws = [], []
+    for r in dataset.records:
+        rp = resize_params(r.width, r.height, pre, scale=scale)
+        hs.append(-(-rp.out_height // div) * div)
+        ws.append(-(-rp.out_width // div) * div)
+    return int(statistics.median_low(hs)), int(statistics.median_low(ws))
+
+
+def _to_original(det: dict[str, torch.Tensor], params, key: str, score_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Input-pixel boxes -> original-image boxes (clipped), with their scores, as float32 numpy."""
+    boxes = params.unmap_boxes(det[key].detach().float().cpu().numpy())
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, params.orig_width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, params.orig_height)
+    return boxes.astype(np.float32), det[score_key].detach().float().cpu().numpy().astype(np.float32)
+
+
+def _evaluators(metrics: Sequence[str], classes: Sequence[str], detection_ok: bool) -> dict[str, Any]:
+    from detection.metrics import CaltechEvaluator, COCOEvaluator, ProposalRecallEvaluator, VOCEvaluator
+
+    out: dict[str, Any] = {}
+    for m in metrics:
+        if m == "recall":
+            out[m] = ProposalRecallEvaluator()
+        elif detection_ok and m == "voc":
+            out[m] = VOCEvaluator(classes=classes)
+        elif detection_ok and m == "coco":
+            out[m] = COCOEvaluator(classes=classes)
+        elif detection_ok and m == "caltech":
+            out[m] = CaltechEvaluator()
+    return out
+
+
+def evaluate_model(
+    model: nn.Module,
+    meta: dict,
+    dataset: Dataset,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    device: str | torch.device = "auto",
+    batch_size: int = 4,
+    workers: int = 0,
+    max_images: int | None = None,
+    plots_dir: Path | None = None,
+    profile: bool = True,
+    progress: bool | None = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Runs ``model.predict`` over the labelled images of ``dataset`` and scores it.
+
+    Returns ``{"dataset", "model", "input", "metrics": {name: evaluator result (curves as numpy)},
+    "summary": flat headline numbers, "profile" (when asked), "timing", "plots": [paths], "notes"}``.
+    ``meta`` is the checkpoint's meta (``classes``, ``preprocess``, optional ``input_scale``).
+    """
+    from tqdm.auto import tqdm
+
+    from data.loader import DetectionImages, EvalSampler, make_loader
+    from detection.device import select_device
+
+    metrics = check_metrics(metrics)
+    pre, scale = _preprocess_and_scale(meta)
+    classes = tuple(meta.get("classes", dataset.classes))
+    if tuple(dataset.classes) != classes:
+        raise DataError(
+            f"dataset {dataset.name}/{dataset.split} has classes {list(dataset.classes)} but the model was "
+            f"trained on {list(classes)}"
+        )
+    keep = [i for i, r in enumerate(dataset.records) if r.labelled]
+    if max_images is not None:
+        keep = keep[:max_images]
+    if not keep:
+        raise DataError(f"dataset {dataset.name}/{dataset.split}: no labelled images to evaluate on")
+    data = dataset.subset(keep)
+
+    dev = device if isinstance(device, torch.device) else select_device(device)
+    head = getattr(getattr(model, "config", None), "head", "fast-rcnn")
+    # A head-less (stage-1) model's detections are its proposals, all labelled 1: meaningful only for one class.
+    detection_ok = head != "none" or len(classes) == 1
+    notes = []
+    if not detection_ok:
+        skipped = [m for m in metrics if m != "recall"]
+        if skipped:
+            notes.append(f"{', '.join(skipped)} skipped: the model has no box head and the data has several classes")
+    evaluators = _evaluators(metrics, classes, detection_ok)
+
+    was_training = model.training
+    model.to(dev).eval()
+    images = DetectionImages(data, pre, scale=scale)
+    loader = make_loader(images, EvalSampler(len(data), batch_size), num_workers=workers)
+    t_start = time.perf_counter()
+    predict_s = 0.0
+    bar = tqdm(total=len(data), desc=f"evaluate {name}", unit="img", disable=None if progress is None else not progress)
+    with torch.inference_mode():
+        for batch in loader:
+            t0 = time.perf_counter()
+            outputs = model.predict(batch.images.to(dev), batch.image_sizes)
+            predict_s += time.perf_counter() - t0
+            for index, params, out in zip(batch.indices, batch.params, outputs):
+                record = data.records[index]
+                boxes, scores = _to_original(out, params, "boxes", "scores")
+                dets = {"boxes": boxes, "scores": scores, "labels": out["labels"].cpu().numpy().astype(np.int64)}
+                pboxes, pscores = _to_original(out, params, "proposals", "proposal_scores")
+                for m, ev in evaluators.items():
+                    ev.process(record, {"boxes": pboxes, "scores": pscores} if m == "recall" else dets)
+            bar.update(len(batch))
+    bar.close()
+    total_s = time.perf_counter() - t_start
+    results = {m: ev.evaluate() for m, ev in evaluators.items()}
+
+    report: dict[str, Any] = {
+        "dataset": {"name": dataset.name, "split": dataset.split, "num_images": len(data),
+                    "digest": data.digest(), "classes": list(classes)},
+        "model": {"name": name, "kind": meta.get("kind"), "head": head,
+                  "width": getattr(getattr(model, "config", None), "width", None)},
+        "input": {"preprocess": pre.to_dict(), "input_scale": scale},
+        "metrics": results,
+        "timing": {"total_s": total_s, "predict_s": predict_s, "images_per_s": len(data) / total_s,
+                   "device": str(dev), "batch_size": batch_size},
+        "notes": notes,
+        "plots": [],
+    }
+    if hasattr(model, "param_counts"):
+        report["model"]["params"] = model.param_counts()
+    if profile:
+        from detection.profile import profile_model
+
+        size = typical_input_size(data, meta)
+        report["profile"] = profile_model(model, input_size=size, repeats=10, warmup=2, device=dev)
+    report["summary"] = headline(report)
+    if plots_dir is not None:
+        report["plots"] = write_plots(report, Path(plots_dir), name=name)
+    model.train(was_training)
+    return report
+
+
+def headline(report: dict) -> dict[str, float | None]:
+    """The flat numbers of a report: recalls, AR, mAPs, COCO APs, LAMR, parameters, GFLOPs, ms/image."""
+    from detection.metrics import to_jsonable
+
+    m = report["metrics"]
+    out: dict[str, Any] = {}
+    if "recall" in m:
+        out.update({k: v for k, v in m["recall"].items() if k.startswith(("recall@", "AR@"))})
+    if "voc" in m:
+        out.update({"mAP@0.5_11pt": m["voc"]["mAP_11pt"], "mAP@0.5_area": m["voc"]["mAP_area"]})
+    if "coco" in m:
+        out.update({f"coco_{k}": m["coco"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")})
+    if "caltech" in m:
+        out["LAMR"] = m["caltech"]["LAMR"]
+    if "params" in report.get("model", {}):
+        out.update({f"params_{k}": v for k, v in report["model"]["params"].items()})
+    if "profile" in report:
+        out["gflops"] = report["profile"]["gflops"]["total"]
+        out["ms_per_image"] = report["profile"]["latency"]["median_ms"]
+    return to_jsonable(out)
+
+
+def write_plots(report: dict, folder: Path, *, name: str = "model") -> list[str]:
+    """PR curves (VOC), recall vs IoU (proposals) and MR-FPPI (Caltech) as PNGs under ``folder``."""
+    from detection.metrics import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    m = report["metrics"]
+    paths = []
+    if "voc" in m:
+        paths.append(plots.plot_pr_curves(m["voc"]["curves"], folder / "pr_curves.png", ap=m["voc"]["AP_area"]))
+    if "recall" in m:
+        paths.append(plots.plot_recall_iou({name: m["recall"]["curves"]}, folder / "recall_iou.png"))
+    if "caltech" in m:
+        paths.append(plots.plot_mr_fppi({name: m["caltech"]["curves"]}, folder / "mr_fppi.png",
+                                        lamr={name: m["caltech"]["LAMR"]}))
+    return [str(p) for p in paths]
+
+
+def report_json(report: dict) -> dict:
+    """The report as strict JSON (curves left out: they are in the plots; NaN -> null)."""
+    from detection.metrics import to_jsonable
+
+    slim = {**report, "metrics": {k: {kk: vv for kk, vv in v.items() if kk != "curves"}
+                                  for k, v in report["metrics"].items()}}
+    return to_jsonable(slim)
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    return f"{100 * v:.1f}" if pct else f"{v}"
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table of the headline numbers (percentages for recall/AP/miss rate)."""
+    s = report["summary"]
+    d = report["dataset"]
+    lines = [f"{report['model']['name']} on {d['name']}/{d['split']} ({d['num_images']} images, "
+             f"input scale {report['input']['input_scale']:g})"]
+    rows: list[tuple[str, str]] = []
+    for n in (100, 300):
+        if f"AR@{n}" in s:
+            rows.append((f"proposals top-{n}: recall@0.5 / @0.7 / AR",
+                         f"{_fmt(s[f'recall@{n}_iou0.5'])} / {_fmt(s[f'recall@{n}_iou0.7'])} / {_fmt(s[f'AR@{n}'])}"))
+    if "mAP@0.5_area" in s:
+        rows.append(("mAP@0.5 (VOC07 11-pt / area)", f"{_fmt(s['mAP@0.5_11pt'])} / {_fmt(s['mAP@0.5_area'])}"))
+    if "coco_AP" in s:
+        rows.append(("COCO AP / AP50 / AP75", f"{_fmt(s['coco_AP'])} / {_fmt(s['coco_AP50'])} / {_fmt(s['coco_AP75'])}"))
+        rows.append(("COCO APs / APm / APl", f"{_fmt(s['coco_APs'])} / {_fmt(s['coco_APm'])} / {_fmt(s['coco_APl'])}"))
+    if "LAMR" in s:
+        rows.append(("Caltech log-average miss rate", _fmt(s["LAMR"])))
+    if "params_total" in s:
+        rows.append(("params backbone / rpn / head / total (M)",
+                     " / ".join(f"{s[f'params_{k}'] / 1e6:.3f}" for k in ("backbone", "rpn", "head", "total"))))
+    if "gflops" in s:
+        p = report["profile"]
+        rows.append((f"GFLOPs / ms per image at {p['input_size'][0]}x{p['input_size'][1]} ({p['device']})",
+                     f"{s['gflops']:.2f} / {s['ms_per_image']:.1f}"))
+    width = max(len(k) for k, _ in rows) if rows else 0
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += [f"  note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _model_name(path: Path) -> str:
+    """``runs/teacher/model.pt`` -> ``teacher``; other files by their stem."""
+    return path.parent.name if path.stem == "model" and path.parent.name else path.stem
+
+
+def run_evaluate(config: EvalConfig) -> dict:
+    """``mimic evaluate``: load checkpoint and split, evaluate, print the table, write JSON and plots."""
+    from data import load_dataset
+    from detection.detector import load_detector
+
+    model, meta = load_detector(config.model)
+    classes = meta.get("classes")
+    dataset = load_dataset(config.data, config.split, classes=classes)
+    report = evaluate_model(
+        model, meta, dataset, metrics=config.metrics, device=config.device, batch_size=config.batch_size,
+        workers=config.workers, max_images=config.max_images, plots_dir=config.plots, profile=config.profile,
+        progress=config.progress, name=_model_name(Path(config.model)),
+    )
+    report["model"]["path"] = str(config.model)
+    print(format_report(report))
+    if config.out is not None:
+        out = Path(config.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(report_json(report), indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"report: {out}")
+    for p in report["plots"]:
+        print(f"plot: {p}")
+    return report
