@@ -278,7 +278,7 @@ def _float_list(ctx, param, value):
 @click.option("--aspect-ratios", default=None, callback=_float_list, help="height/width, e.g. 0.5,1,2.")
 @click.option("--rpn-channels", default=None, type=click.IntRange(min=1))
 @click.option("--init-from", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="torchvision GoogLeNet state dict (width 1 only).")
+              help="torchvision GoogLeNet state dict (width 1 only; inputs are then normalised as (x-0.5)/0.5).")
 @click.option("--flip", is_flag=True, help="Random horizontal flips.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0),
               help="Evaluate on --eval-split every N iterations (0: never).")

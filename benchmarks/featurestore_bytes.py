@@ -37,12 +37,75 @@ def teacher_like_features() -> np.ndarray:
     net = InceptionBackbone(width=0.25).train()  # batch statistics: a random net's maps stay normalised
     paths = sorted(RACCOON.glob("*.jpg"))[:IMAGES]
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    x = torch.stack([
-        (torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((SIDE, SIDE)), np.float32) / 255).permute(2, 0, 1) - mean) / std
-        for p in paths
-    ])
+    x = torch.stack(
+        [
+            (
+                torch.from_numpy(
+                    np.asarray(Image.open(p).convert("RGB").resize((SIDE, SIDE)), np.float32) / 255
+                ).permute(2, 0, 1)
+                - mean
+            )
+            / std
+            for p in paths
+        ]
+    )
     with torch.no_grad():
         return net(x).numpy()  # [N, 208, 16, 16]
+
+
+def shard_walk(num_shards: int, rng: np.random.Generator) -> list[int]:
+    """Image order of a shard-aware shuffle: shards in random order, images shuffled within each shard."""
+    return [int(s * SHARD + j) for s in rng.permutation(num_shards) for j in rng.permutation(SHARD)]
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_store(url: str, manifest: Manifest, backend: str, items: list, feats: np.ndarray) -> dict:
+    n = manifest.num_images
+    writer = create_store(url, manifest, backend=backend)
+    t0 = time.perf_counter()
+    for s in range(manifest.num_shards):
+        a, b = writer.shard_range(s)
+        writer.write_shard(s, items[a:b])
+    write_s = time.perf_counter() - t0
+    info = inspect_store(url)
+    features_bytes = None
+    if backend == "zarr":  # per-array objects are listed in the completion markers
+        markers = [json.loads(p.read_text()) for p in Path(url, "_complete").glob("*.json")]
+        sizes = [
+            o["size"] for m in markers for key, o in m["objects"].items() if key.startswith(("features/", "scale/"))
+        ]
+        features_bytes = sum(sizes) / n
+    reader = open_store(url)
+    reader.read(0)
+    order = shard_walk(manifest.num_shards, np.random.default_rng(0))
+
+    def walk_with_cache() -> None:  # a fresh reader each pass, so every shard is a cache miss once
+        cached = open_store(url, cache_shards=1)
+        for i in order:
+            cached.read(i)
+
+    # Best of 3 passes: this machine is shared, and the minimum is the least disturbed figure.
+    read_ms = best_of(3, lambda: [reader.read(i) for i in order]) / n * 1e3
+    shard_ms = best_of(3, lambda: [reader.read_shard(s) for s in range(manifest.num_shards)]) / n * 1e3
+    cached_ms = best_of(3, walk_with_cache) / n * 1e3
+    return {
+        "bytes_per_image": info["bytes_per_image"],
+        "features_bytes_per_image": features_bytes,
+        "compression_ratio_vs_float32": info["compression_ratio"],
+        "max_abs_feature_error": max(float(np.abs(reader.read(i).features - feats[i]).max()) for i in range(n)),
+        "write_ms_per_image": write_s / n * 1e3,
+        "read_ms_per_image": read_ms,
+        "read_shard_ms_per_image": shard_ms,
+        "read_cached_shard_ms_per_image": cached_ms,
+    }
 
 
 def main() -> None:
@@ -53,68 +116,51 @@ def main() -> None:
     items = []
     for i in range(n):
         xy = rng.uniform(0, SIDE - 32, (K, 2))
-        items.append(ImageFeatures(
-            ids[i], feats[i], np.concatenate([xy, xy + rng.uniform(8, 32, (K, 2))], 1).astype(np.float32),
-            np.sort(rng.uniform(size=K))[::-1].astype(np.float32), rng.normal(size=(K, 2)).astype(np.float32),
-            rng.normal(scale=0.1, size=(K, 8)).astype(np.float32),
-        ))
+        items.append(
+            ImageFeatures(
+                ids[i],
+                feats[i],
+                np.concatenate([xy, xy + rng.uniform(8, 32, (K, 2))], 1).astype(np.float32),
+                np.sort(rng.uniform(size=K))[::-1].astype(np.float32),
+                rng.normal(size=(K, 2)).astype(np.float32),
+                rng.normal(scale=0.1, size=(K, 8)).astype(np.float32),
+            )
+        )
     raw_features = C * H * W * 4
     raw_total = raw_features + K * (4 + 1 + 2 + 8) * 4
     results: dict = {
         "map": {"channels": C, "h": H, "w": W, "zero_fraction": float((feats == 0).mean())},
-        "proposals": K, "images": n, "shard_size": SHARD,
+        "proposals": K,
+        "images": n,
+        "shard_size": SHARD,
         "raw_float32_bytes_per_image": {"features": raw_features, "total": raw_total},
         "stores": [],
     }
     for backend in ("zarr", "hdf5"):
         for dtype in ("float16", "int8"):
             manifest = Manifest(
-                teacher_arch="inception-bn", teacher_width=0.25, teacher_head="fast-rcnn",
-                teacher_sha256=hashlib.sha256(b"random-init").hexdigest(), classes=("raccoon",),
-                dataset_name="raccoon", dataset_split="train", dataset_digest=hashlib.sha256(b"bench").hexdigest(),
-                image_ids=ids, preprocess={"size": SIDE}, feature_layer="inception4e", stride=16, channels=C,
-                max_hw=(H, W), dtype=dtype, num_proposals=K, nms_threshold=0.7, shard_size=SHARD,
+                teacher_arch="inception-bn",
+                teacher_width=0.25,
+                teacher_head="fast-rcnn",
+                teacher_sha256=hashlib.sha256(b"random-init").hexdigest(),
+                classes=("raccoon",),
+                dataset_name="raccoon",
+                dataset_split="train",
+                dataset_digest=hashlib.sha256(b"bench").hexdigest(),
+                image_ids=ids,
+                preprocess={"size": SIDE},
+                feature_layer="inception4e",
+                stride=16,
+                channels=C,
+                max_hw=(H, W),
+                dtype=dtype,
+                num_proposals=K,
+                nms_threshold=0.7,
+                shard_size=SHARD,
             )
             with tempfile.TemporaryDirectory() as tmp:
-                url = f"{tmp}/store"
-                writer = create_store(url, manifest, backend=backend)
-                t0 = time.perf_counter()
-                for s in range(manifest.num_shards):
-                    a, b = writer.shard_range(s)
-                    writer.write_shard(s, items[a:b])
-                write_s = time.perf_counter() - t0
-                info = inspect_store(url)
-                features_bytes = None
-                if backend == "zarr":  # per-array objects are listed in the completion markers
-                    objects = [o for marker in Path(url, "_complete").glob("*.json") for o in json.loads(marker.read_text())["objects"].items()]
-                    features_bytes = sum(o["size"] for key, o in objects if key.startswith(("features/", "scale/"))) / n
-                reader = open_store(url)
-                reader.read(0)
-                t0 = time.perf_counter()
-                for i in range(n):
-                    reader.read(i)
-                read_ms = (time.perf_counter() - t0) / n * 1e3
-                t0 = time.perf_counter()
-                for s in range(manifest.num_shards):
-                    reader.read_shard(s)
-                shard_ms = (time.perf_counter() - t0) / n * 1e3
-                cached = open_store(url, cache_shards=1)
-                t0 = time.perf_counter()
-                for i in np.random.default_rng(0).permutation(SHARD):  # shuffled within one shard
-                    cached.read(int(i))
-                cached_ms = (time.perf_counter() - t0) / SHARD * 1e3
-                err = max(float(np.abs(reader.read(i).features - feats[i]).max()) for i in range(n))
-            results["stores"].append({
-                "backend": backend, "dtype": dtype,
-                "bytes_per_image": info["bytes_per_image"],
-                "features_bytes_per_image": features_bytes,
-                "compression_ratio_vs_float32": info["compression_ratio"],
-                "max_abs_feature_error": err,
-                "write_ms_per_image": write_s / n * 1e3,
-                "read_ms_per_image": read_ms,
-                "read_shard_ms_per_image": shard_ms,
-                "read_cached_shard_ms_per_image": cached_ms,
-            })
+                row = measure_store(f"{tmp}/store", manifest, backend, items, feats)
+            results["stores"].append({"backend": backend, "dtype": dtype, **row})
             print(json.dumps(results["stores"][-1]))
     out = REPO / "benchmarks" / "results" / "featurestore_bytes.json"
     out.parent.mkdir(parents=True, exist_ok=True)

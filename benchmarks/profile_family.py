@@ -39,9 +39,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def repeats_for(size: tuple[int, int], base: int) -> int:
-    # Fewer repeats on big inputs: w = 1 at 1000x1500 takes seconds per image on a CPU.
-    return max(3, base // 4) if size[0] * size[1] > 512 * 512 else base
+def is_big(size: tuple[int, int]) -> bool:
+    # w = 1 at 1000x1500 takes seconds per image on one CPU thread: fewer repeats there.
+    return size[0] * size[1] > 512 * 512
 
 
 def table(rows: dict[str, dict], size: tuple[int, int]) -> str:
@@ -49,15 +49,18 @@ def table(rows: dict[str, dict], size: tuple[int, int]) -> str:
     lines = [
         f"**{size[0]}x{size[1]}**, {ref['device']}, {ref['threads']} thread(s), n = {ref['latency']['n']} runs each",
         "",
-        "| w | median ms | p90 ms | speed-up | GFLOPs (all / backbone) | params backbone / rpn / head / total | "
-        "param ratio (total / backbone) | peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| w | median ms | p90 ms | min ms | speed-up (median / min) | backbone ms (median) | backbone speed-up "
+        "| GFLOPs (all / backbone) | params backbone / rpn / head / total | param ratio (total / backbone) "
+        "| peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        p, g, lat = r["params"], r["gflops"], r["latency"]
+        p, g, lat, bb = r["params"], r["gflops"], r["latency"], r["backbone_latency"]
         lines.append(
-            f"| {name} | {lat['median_ms']:.1f} | {lat['p90_ms']:.1f} | "
-            f"{ref['latency']['median_ms'] / lat['median_ms']:.2f}x | {g['total']:.2f} / {g['backbone']:.2f} | "
+            f"| {name} | {lat['median_ms']:.1f} | {lat['p90_ms']:.1f} | {lat['min_ms']:.1f} | "
+            f"{ref['latency']['median_ms'] / lat['median_ms']:.2f}x / {ref['latency']['min_ms'] / lat['min_ms']:.2f}x | "
+            f"{bb['median_ms']:.1f} | {ref['backbone_latency']['median_ms'] / bb['median_ms']:.2f}x | "
+            f"{g['total']:.2f} / {g['backbone']:.2f} | "
             f"{p['backbone'] / 1e6:.2f}M / {p['rpn'] / 1e6:.2f}M / {p['head'] / 1e6:.2f}M / {p['total'] / 1e6:.2f}M | "
             f"{ref['params']['total'] / p['total']:.1f}x / {ref['params']['backbone'] / p['backbone']:.1f}x | "
             f"{r['memory']['peak_mb']:.0f} |"
@@ -70,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="256x256,1000x1500", help="comma-separated HxW input sizes")
     ap.add_argument("--out", default="benchmarks/results/profile_family.json", type=Path)
     ap.add_argument("--repeats", type=int, default=20, help="timed runs per model on small inputs")
+    ap.add_argument("--big-repeats", type=int, default=5, help="timed runs per model on inputs over 512x512")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--num-classes", type=int, default=2, help="including background (2: pedestrians)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -95,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": {},
     }
     for size in parse_sizes(args.sizes):
-        rows = profile_models(
-            models, size, repeats=repeats_for(size, args.repeats), warmup=args.warmup, device=args.device
-        )
+        repeats, warmup = (args.big_repeats, 1) if is_big(size) else (args.repeats, args.warmup)
+        rows = profile_models(models, size, repeats=repeats, warmup=warmup, device=args.device)
         report["results"][f"{size[0]}x{size[1]}"] = rows
         print(table(rows, size), "\n", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -137,11 +137,11 @@ class Hdf5Backend:
     def read_image(self, index: int, prefix: str = "") -> dict[str, np.ndarray]:
         shard, local = divmod(index, self.manifest.shard_size)
         f = self._file(shard)
-        return {n[len(prefix):]: np.asarray(f[n][local]) for n in self._names(prefix)}
+        return {n[len(prefix) :]: np.asarray(f[n][local]) for n in self._names(prefix)}
 
     def read_shard(self, shard: int, prefix: str = "") -> dict[str, np.ndarray]:
         f = self._file(shard)
-        return {n[len(prefix):]: np.asarray(f[n][()]) for n in self._names(prefix)}
+        return {n[len(prefix) :]: np.asarray(f[n][()]) for n in self._names(prefix)}
 
     def read_shard_array(self, shard: int, name: str) -> np.ndarray:
         return np.asarray(self._file(shard)[name][()])

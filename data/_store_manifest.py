@@ -140,7 +140,7 @@ class Manifest:
 
     @property
     def num_shards(self) -> int:
-        return max(1, math.ceil(self.num_images / self.shard_size)) if self.num_images else 0
+        return math.ceil(self.num_images / self.shard_size)
 
     @property
     def quantisation(self) -> str:
@@ -191,7 +191,7 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, *, source: str = "manifest") -> "Manifest":
+    def from_json(cls, text: str | bytes, *, source: str = "manifest") -> Manifest:
         """Parse and validate; raises StoreError naming `source`, the field and what was expected."""
         try:
             doc = json.loads(text)
@@ -210,7 +210,7 @@ class Manifest:
                 kwargs[name] = _get_path(doc, path)
             except KeyError:
                 raise StoreError(f"{source}: field {path}: missing") from None
-        for name, path in _JSON_PATH.items():
+        for name in _JSON_PATH:
             # JSON arrays become tuples; anything else keeps its JSON type so _validate sees what was written.
             if isinstance(kwargs[name], list) and name in ("classes", "image_ids", "flips", "max_hw"):
                 kwargs[name] = tuple(kwargs[name])
@@ -225,11 +225,11 @@ class Manifest:
         return manifest
 
     # ------------------------------------------------------------------ comparison
-    def diff(self, other: "Manifest") -> list[str]:
+    def diff(self, other: Manifest) -> list[str]:
         """One line per field that differs, named by its manifest path: "dataset.digest: 'ab…' != 'cd…'"."""
         return [f"{path}: {a} != {b}" for path, a, b in self.diff_fields(other)]
 
-    def diff_fields(self, other: "Manifest") -> list[tuple[str, str, str]]:
+    def diff_fields(self, other: Manifest) -> list[tuple[str, str, str]]:
         """(manifest path, this value, other value) for every differing field; dicts compared key by key."""
         out: list[tuple[str, str, str]] = []
         for f in fields(self):
@@ -279,7 +279,9 @@ class Manifest:
             v = getattr(self, name)
             if not _is_int(v) or v <= 0:
                 self._fail(name, "a positive integer", v)
-        if not (isinstance(self.max_hw, tuple) and len(self.max_hw) == 2 and all(_is_int(x) and x > 0 for x in self.max_hw)):
+        if not (
+            isinstance(self.max_hw, tuple) and len(self.max_hw) == 2 and all(_is_int(x) and x > 0 for x in self.max_hw)
+        ):
             self._fail("max_hw", "[Hmax, Wmax] positive integers", self.max_hw)
         if self.dtype not in DTYPES:
             self._fail("dtype", " or ".join(map(repr, DTYPES)), self.dtype)
@@ -354,7 +356,7 @@ class ObjectInfo:
     crc32c: int
 
     @staticmethod
-    def of(data: bytes | memoryview) -> "ObjectInfo":
+    def of(data: bytes | memoryview) -> ObjectInfo:
         return ObjectInfo(len(data), crc32c.crc32c(data))
 
 
@@ -378,9 +380,7 @@ def parse_marker(data: bytes, *, source: str) -> Marker:
     """Raises StoreError naming `source` when the marker is not what marker_json writes."""
     try:
         doc = json.loads(data)
-        objects = {
-            str(k): ObjectInfo(int(v["size"]), int(v["crc32c"], 16)) for k, v in dict(doc["objects"]).items()
-        }
+        objects = {str(k): ObjectInfo(int(v["size"]), int(v["crc32c"], 16)) for k, v in dict(doc["objects"]).items()}
         return Marker(int(doc["shard"]), tuple(str(i) for i in doc["image_ids"]), objects)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise StoreError(f"{source}: malformed completion marker ({type(e).__name__}: {e})") from None
@@ -499,7 +499,7 @@ class Location:
         out: dict[str, int] = {}
         for path, info in found.items():
             path = path.replace(os.sep, "/") if self.is_local else path
-            key = path[len(prefix):] if path.startswith(prefix) else path
+            key = path[len(prefix) :] if path.startswith(prefix) else path
             out[key] = int(info.get("size") or 0)
         return out
 

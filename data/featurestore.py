@@ -107,19 +107,26 @@ def _pack(manifest: Manifest, items: Sequence[ImageFeatures], where: str) -> dic
         tag = f"{where} image {item.image_id!r}"
         f = _as_float(item.features, f"{tag}: features")
         if f.ndim != 3 or f.shape[0] != C or not (1 <= f.shape[1] <= H and 1 <= f.shape[2] <= W):
-            raise StoreError(f"{tag}: features must be float[{C}, h<={H}, w<={W}] (h, w >= 1), got shape {list(f.shape)}")
-        k = int(np.shape(item.proposals)[0]) if np.ndim(item.proposals) else -1
-        expected = {"proposals": (k, 4), "scores": (k,), "class_logits": (k, Kc), "box_deltas": (k, 4 * Kc)}
-        rows = {}
-        for name, shape in expected.items():
+            raise StoreError(
+                f"{tag}: features must be float[{C}, h<={H}, w<={W}] (h, w >= 1), got shape {list(f.shape)}"
+            )
+        proposals = _as_float(item.proposals, f"{tag}: proposals")
+        k = proposals.shape[0] if proposals.ndim == 2 else -1
+        if proposals.ndim != 2 or proposals.shape[1] != 4 or k > K:
+            raise StoreError(f"{tag}: proposals must be float32[k<={K}, 4], got shape {list(proposals.shape)}")
+        rows = {"proposals": proposals}
+        for name, shape in {"scores": (k,), "class_logits": (k, Kc), "box_deltas": (k, 4 * Kc)}.items():
             a = _as_float(getattr(item, name), f"{tag}: {name}")
-            if a.shape != shape or not 0 <= k <= K:
-                want = {"proposals": f"[k<={K}, 4]", "scores": "[k]", "class_logits": f"[k, {Kc}]", "box_deltas": f"[k, {4 * Kc}]"}
-                raise StoreError(f"{tag}: {name} must be float32{want[name]} with k = len(proposals) = {k}, got shape {list(a.shape)}")
+            if a.shape != shape:
+                raise StoreError(
+                    f"{tag}: {name} must be float32{list(shape)} for its {k} proposals, got shape {list(a.shape)}"
+                )
             rows[name] = a
         bad = sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in (f, *rows.values()))
         if bad:
-            warnings.warn(f"{tag}: {bad} non-finite values stored (verify-store will report them)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{tag}: {bad} non-finite values stored (verify-store will report them)", RuntimeWarning, stacklevel=3
+            )
         h, w = f.shape[1:]
         if manifest.dtype == "int8":
             out["features"][j, :, :h, :w], out["scale"][j] = quantise_int8(f)
@@ -127,7 +134,11 @@ def _pack(manifest: Manifest, items: Sequence[ImageFeatures], where: str) -> dic
             with np.errstate(over="ignore"):
                 out["features"][j, :, :h, :w] = f
             if not bad and not np.isfinite(out["features"][j]).all():
-                warnings.warn(f"{tag}: features beyond the float16 range (|x| > 65504) stored as Inf; consider dtype int8", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{tag}: features beyond the float16 range (|x| > 65504) stored as Inf; consider dtype int8",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         out["feature_hw"][j] = (h, w)
         out["num_proposals"][j] = k
         for name, a in rows.items():
@@ -193,12 +204,15 @@ def _marker_shards(location: Location) -> set[int]:
     out = set()
     for name in names:
         base = str(name).rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith("shard-") and base.endswith(".json"):
-            out.add(int(base[len("shard-"): -len(".json")]))
+        number = base[len("shard-") : -len(".json")]
+        if base.startswith("shard-") and base.endswith(".json") and number.isdigit():
+            out.add(int(number))
     return out
 
 
-def _shard_problem(location: Location, manifest: Manifest, backend: _Backend, shard: int, sizes: Mapping[str, int]) -> str | None:
+def _shard_problem(
+    location: Location, manifest: Manifest, backend: _Backend, shard: int, sizes: Mapping[str, int]
+) -> str | None:
     """Why a shard is not complete (None if it is): marker missing/malformed or an object missing/resized."""
     key = marker_key(shard)
     if key not in sizes:
@@ -217,7 +231,10 @@ def _shard_problem(location: Location, manifest: Manifest, backend: _Backend, sh
         if obj not in sizes:
             return f"shard {shard}: object {obj} is missing"
         if sizes[obj] != info.size:
-            return f"shard {shard}: object {obj} is {sizes[obj]} bytes, its marker says {info.size} (truncated or rewritten)"
+            return (
+                f"shard {shard}: object {obj} is {sizes[obj]} bytes, its marker says {info.size} "
+                "(truncated or rewritten)"
+            )
     return None
 
 
@@ -240,7 +257,7 @@ class StoreWriter:
     def __repr__(self) -> str:
         return f"StoreWriter({self.url!r}, {self.manifest.num_shards} shards)"
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,9 +270,15 @@ class StoreWriter:
     def pending_shards(self) -> list[int]:
         """Shards without a valid completion marker or whose objects are missing or resized."""
         sizes = self._location.list_sizes()
-        return [s for s in range(self.manifest.num_shards) if _shard_problem(self._location, self.manifest, self._backend, s, sizes)]
+        return [
+            s
+            for s in range(self.manifest.num_shards)
+            if _shard_problem(self._location, self.manifest, self._backend, s, sizes)
+        ]
 
-    def write_shard(self, shard_index: int, items: Sequence[ImageFeatures], flipped: Sequence[ImageFeatures] | None = None) -> None:
+    def write_shard(
+        self, shard_index: int, items: Sequence[ImageFeatures], flipped: Sequence[ImageFeatures] | None = None
+    ) -> None:
         """Write shard `shard_index` (images ``shard_range(shard_index)``, in order) and then its marker.
         `flipped` is required exactly when the manifest's flips are [false, true]."""
         m = self.manifest
@@ -273,7 +296,10 @@ class StoreWriter:
         for prefix, records in groups:
             got = tuple(r.image_id for r in records)
             if got != ids:
-                raise StoreError(f"{where}: expected {'flipped ' if prefix else ''}records for images {_ids_text(ids)} (dataset order), got {_ids_text(got)}")
+                raise StoreError(
+                    f"{where}: expected {'flipped ' if prefix else ''}records for images {_ids_text(ids)} "
+                    f"(dataset order), got {_ids_text(got)}"
+                )
             arrays |= {prefix + k: v for k, v in _pack(m, records, where + (" (flipped)" if prefix else "")).items()}
         # Marker first out, last in: a run killed anywhere in between leaves this shard pending.
         self._location.delete(marker_key(shard_index))
@@ -314,14 +340,21 @@ def create_store(
         existing = _load_manifest(location)
         changed = compare(existing, manifest)
         if changed:
-            raise StoreError(f"{location.url}: cannot resume, the store was made with other settings: {'; '.join(changed)}. Use --overwrite to replace it")
+            raise StoreError(
+                f"{location.url}: cannot resume, the store was made with other settings: {'; '.join(changed)}. "
+                "Use --overwrite to replace it"
+            )
         for key in location.list_sizes():
             if key.endswith(TEMP_SUFFIX):  # debris of a killed run; no worker is running yet
                 location.delete(key)
         return StoreWriter(location, existing)
     if not location.is_empty():
         what = "a feature store" if location.exists(MANIFEST_NAME) else "files (not a feature store)"
-        hint = "use --resume to finish it or --overwrite to replace it" if mode == "create" else "use --overwrite to replace it"
+        hint = (
+            "use --resume to finish it or --overwrite to replace it"
+            if mode == "create"
+            else "use --overwrite to replace it"
+        )
         raise FileExistsError(f"{location.url}: {what} already exists there; {hint}")
     _make_backend(location, manifest, writable=True).create()
     location.write_bytes(MANIFEST_NAME, manifest.to_json().encode())  # last: a store with a manifest is whole
@@ -359,7 +392,7 @@ class StoreReader:
     def __repr__(self) -> str:
         return f"StoreReader({self.url!r}, {len(self)} images)"
 
-    def __enter__(self) -> "StoreReader":
+    def __enter__(self) -> StoreReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -389,7 +422,10 @@ class StoreReader:
             return self._ids()[image_id]
         except KeyError:
             m = self.manifest
-            raise StoreError(f"{self.url}: image id {image_id!r} is not in the store (dataset {m.dataset_name}/{m.dataset_split}, {len(m.image_ids)} images)") from None
+            raise StoreError(
+                f"{self.url}: image id {image_id!r} is not in the store "
+                f"(dataset {m.dataset_name}/{m.dataset_split}, {len(m.image_ids)} images)"
+            ) from None
 
     def shard_of(self, index: int) -> int:
         return index // self.manifest.shard_size
@@ -405,11 +441,15 @@ class StoreReader:
         if self._complete is None or shard not in self._complete:
             self.completed_shards()  # the store may still be growing: look again before refusing
             if shard not in self._complete:  # type: ignore[operator]
-                raise StoreError(f"{self.url}: {what} is in shard {shard}, which is not complete (finish extraction with --resume)")
+                raise StoreError(
+                    f"{self.url}: {what} is in shard {shard}, which is not complete (finish extraction with --resume)"
+                )
 
     def _prefix(self, flip: bool) -> str:
         if flip and not self.manifest.has_flips:
-            raise StoreError(f"{self.url}: no flipped features in this store (manifest flips {list(self.manifest.flips)})")
+            raise StoreError(
+                f"{self.url}: no flipped features in this store (manifest flips {list(self.manifest.flips)})"
+            )
         return _FLIP if flip else ""
 
     def read(self, index: int, *, flip: bool = False) -> ImageFeatures:
@@ -483,7 +523,9 @@ class StoreReader:
         self._backend.close()
 
 
-def open_store(url: str | Path, *, storage_options: Mapping[str, Any] | None = None, cache_shards: int = 0) -> StoreReader:
+def open_store(
+    url: str | Path, *, storage_options: Mapping[str, Any] | None = None, cache_shards: int = 0
+) -> StoreReader:
     """A reader. ``cache_shards=n`` keeps the last n decoded shards in memory and makes ``read`` decode a whole
     shard on a miss: several times cheaper per image when reads walk a shard at a time (shuffle shards, then
     images within a shard); leave it at 0 for uniformly random access."""
@@ -513,14 +555,17 @@ class VerifyReport:
         head = "OK" if self.ok else f"FAILED ({len(self.errors)} problems)"
         lines = [
             f"store {self.url}: {head}",
-            f"  shards complete: {self.complete_shards}/{self.num_shards}, images decoded and checked: {self.images_checked}",
+            f"  shards complete: {self.complete_shards}/{self.num_shards}, "
+            f"images decoded and checked: {self.images_checked}",
         ]
         lines += [f"  error: {e}" for e in self.errors]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
-def verify_store(url: str | Path, *, dataset: Any | None = None, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+def verify_store(
+    url: str | Path, *, dataset: Any | None = None, storage_options: Mapping[str, Any] | None = None
+) -> VerifyReport:
     """Check the manifest, every completion marker, every shard object's size and crc32c, decode every chunk
     (zarr/HDF5 checksums), look for NaN/Inf, and, given a `data.records.Dataset`, that it is the one the
     store was made from. Never raises for a broken store: everything found is in the report."""
@@ -546,12 +591,17 @@ def verify_store(url: str | Path, *, dataset: Any | None = None, storage_options
             for obj, info in sorted(marker.objects.items()):
                 actual = ObjectInfo.of(location.read_bytes(obj))
                 if actual != info:
-                    report.errors.append(f"shard {shard}: object {obj} crc32c {actual.crc32c:08x} != {info.crc32c:08x} recorded in its marker (corrupted)")
+                    report.errors.append(
+                        f"shard {shard}: object {obj} crc32c {actual.crc32c:08x} != {info.crc32c:08x} "
+                        "recorded in its marker (corrupted)"
+                    )
         _check_shard_data(manifest, backend, shard, report)
     backend.close()
     for key in sorted(sizes):
         if key.endswith(TEMP_SUFFIX):
-            report.warnings.append(f"leftover temporary file {key} from an interrupted write (ignored by readers; --resume removes it)")
+            report.warnings.append(
+                f"leftover temporary file {key} from an interrupted write (ignored by readers; --resume removes it)"
+            )
     if dataset is not None:
         report.errors += _dataset_mismatch(manifest, dataset)
     return report
@@ -562,7 +612,7 @@ def _check_shard_data(manifest: Manifest, backend: _Backend, shard: int, report:
     start, stop = manifest.shard_range(shard)
     ids = manifest.image_ids
     H, W = manifest.max_hw
-    for prefix in ([""] + ([_FLIP] if manifest.has_flips else [])):
+    for prefix in [""] + ([_FLIP] if manifest.has_flips else []):
         label = " (flipped)" if prefix else ""
         rows: list[tuple[int, dict[str, np.ndarray]]] = []
         try:
@@ -576,10 +626,14 @@ def _check_shard_data(manifest: Manifest, backend: _Backend, shard: int, report:
                 except Exception as e:
                     failures.append((i, e))
             if len(failures) == stop - start:  # e.g. an unreadable file or shard index: one line, not S
-                report.errors.append(f"shard {shard}{label}: cannot be decoded ({type(shard_error).__name__}: {shard_error})")
+                report.errors.append(
+                    f"shard {shard}{label}: cannot be decoded ({type(shard_error).__name__}: {shard_error})"
+                )
             else:
                 for i, e in failures:
-                    report.errors.append(f"shard {shard} image {i} ({ids[i]!r}){label}: cannot be decoded ({type(e).__name__}: {e})")
+                    report.errors.append(
+                        f"shard {shard} image {i} ({ids[i]!r}){label}: cannot be decoded ({type(e).__name__}: {e})"
+                    )
         for i, a in rows:
             where = f"shard {shard} image {i} ({ids[i]!r}){label}"
             h, w = (int(v) for v in a["feature_hw"])
@@ -607,7 +661,9 @@ def _dataset_mismatch(manifest: Manifest, dataset: Any) -> list[str]:
     out = [f"store {name} {a!r} != dataset {b!r}" for name, a, b in pairs if a != b]
     ids = tuple(r.image_id for r in dataset.records)
     if ids != manifest.image_ids:
-        first = next((i for i, (a, b) in enumerate(zip(manifest.image_ids, ids)) if a != b), min(len(ids), manifest.num_images))
+        first = next(
+            (i for i, (a, b) in enumerate(zip(manifest.image_ids, ids)) if a != b), min(len(ids), manifest.num_images)
+        )
         out.append(f"store dataset.image_ids differ from the dataset's from index {first}")
     return out
 
@@ -643,7 +699,11 @@ def inspect_store(url: str | Path, *, storage_options: Mapping[str, Any] | None 
         "compression_ratio": raw / data_bytes if data_bytes else None,
         "bytes_per_image": data_bytes / images if images else None,
         "images_done": images,
-        "completion": {"done": len(done), "total": manifest.num_shards, "pending": sorted(set(range(manifest.num_shards)) - set(done))},
+        "completion": {
+            "done": len(done),
+            "total": manifest.num_shards,
+            "pending": sorted(set(range(manifest.num_shards)) - set(done)),
+        },
     }
 
 
@@ -656,15 +716,20 @@ def format_inspection(info: Mapping[str, Any]) -> str:
     per_image = info["bytes_per_image"]
     lines = [
         f"store       {info['url']}  ({lay['backend']}, format {m['format_version']})",
-        f"teacher     {t['arch']} width {t['width']} head {t['head']}  sha256 {t['sha256'][:16]}...  {len(t['classes'])} classes: {', '.join(t['classes'][:8])}{' ...' if len(t['classes']) > 8 else ''}",
+        f"teacher     {t['arch']} width {t['width']} head {t['head']}  sha256 {t['sha256'][:16]}...  "
+        f"{len(t['classes'])} classes: {', '.join(t['classes'][:8])}{' ...' if len(t['classes']) > 8 else ''}",
         f"dataset     {d['name']}/{d['split']}: {d['num_images']} images  digest {d['digest'][:16]}...",
         f"preprocess  {json.dumps(m['preprocess'], sort_keys=True)}  flips {m['flips']}",
-        f"features    {f['layer']} stride {f['stride']}  C={f['channels']}  max {f['max_hw'][0]}x{f['max_hw'][1]}  {f['dtype']} (quantisation {f['quantisation']})",
+        f"features    {f['layer']} stride {f['stride']}  C={f['channels']}  max {f['max_hw'][0]}x{f['max_hw'][1]}  "
+        f"{f['dtype']} (quantisation {f['quantisation']})",
         f"proposals   K={p['k']} nms {p['nms_threshold']}  {p['num_classes']} classes incl. background",
         f"shards      {c['done']}/{c['total']} complete ({lay['shard_size']} images each)"
         + (f"; pending {pending[:10]}{' ...' if len(pending) > 10 else ''}" if pending else ""),
-        f"on disk     {_human(info['bytes_on_disk'])} total, {_human(info['shard_bytes'])} in shards for {info['images_done']} images",
-        f"raw float32 {_human(info['raw_float32_bytes'])}; compression {ratio:.2f}x; {_human(per_image)} per image" if ratio else "raw float32 (no complete shards yet)",
+        f"on disk     {_human(info['bytes_on_disk'])} total, "
+        f"{_human(info['shard_bytes'])} in shards for {info['images_done']} images",
+        f"raw float32 {_human(info['raw_float32_bytes'])}; compression {ratio:.2f}x; {_human(per_image)} per image"
+        if ratio
+        else "raw float32 (no complete shards yet)",
     ]
     return "\n".join(lines)
 

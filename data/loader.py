@@ -35,7 +35,7 @@ from data.transforms import Preprocess, PrepParams, prepare
 Key = tuple[int, bool]
 
 
-def _mix(*words: int) -> int:
+def mix_seeds(*words: int) -> int:
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -108,7 +108,7 @@ class IterationSampler:
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.clear()
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            g = torch.Generator().manual_seed(mix_seeds(self.seed, epoch))
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 

@@ -66,7 +66,8 @@ def _pool() -> nn.MaxPool2d:
 class InceptionBackbone(nn.Module):
     """GoogLeNet-BN trunk up to inception4e with every layer ``width`` times as wide.
 
-    ``forward``: ``Tensor[N, 3, H, W] -> Tensor[N, out_channels, ceil(H/16), ceil(W/16)]``.
+    ``forward``: ``Tensor[N, 3, H, W] -> Tensor[N, out_channels, ceil(H/16), ceil(W/16)]`` (contiguous NCHW;
+    the layers run in channels-last memory format).
     Kaiming-normal initialisation; :func:`load_googlenet_weights` loads ImageNet weights for ``width = 1``.
     """
 
@@ -109,9 +110,12 @@ class InceptionBackbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"backbone input must be Tensor[N,3,H,W], got shape {list(x.shape)}")
+        # Channels-last inside: torch's CPU max-pool is ~30x slower on NCHW, and the whole trunk runs
+        # 1.6-3x faster at inference. Callers still get a plain contiguous NCHW map.
+        x = x.contiguous(memory_format=torch.channels_last)
         for name in _LAYERS:
             x = getattr(self, name)(x)
-        return x
+        return x.contiguous()
 
 
 def load_googlenet_weights(backbone: InceptionBackbone, path: str | Path) -> None:

@@ -286,7 +286,7 @@ class Detector(nn.Module):
             fh, fw = self.feature_size(*sizes[i])
             result.append(
                 {
-                    "features": feats[i, :, :fh, :fw],
+                    "features": feats[i, :, :fh, :fw].contiguous(),
                     "proposals": boxes[i],
                     "scores": scores[i],
                     "class_logits": lg,

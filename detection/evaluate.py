@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,19 +76,20 @@ def _preprocess_and_scale(meta: dict) -> tuple[Any, float]:
 
 
 def typical_input_size(dataset: Dataset, meta: dict) -> tuple[int, int]:
-    """Median padded network input ``(h, w)`` over the dataset, under the checkpoint's preprocessing."""
+    """The padded network input ``(h, w)`` of the median image by input area (lower median), under the
+    checkpoint's preprocessing: a shape that really occurs, not a mix of two images' sides."""
     from data.transforms import resize_params
 
     pre, scale = _preprocess_and_scale(meta)
     div = max(1, round(pre.size_divisor * scale))
     if not len(dataset):
         return pre.min_size, pre.min_size
-    hs, ws = [], []
+    sizes = []
     for r in dataset.records:
         rp = resize_params(r.width, r.height, pre, scale=scale)
-        hs.append(-(-rp.out_height // div) * div)
-        ws.append(-(-rp.out_width // div) * div)
-    return int(statistics.median_low(hs)), int(statistics.median_low(ws))
+        sizes.append((-(-rp.out_height // div) * div, -(-rp.out_width // div) * div))
+    sizes.sort(key=lambda hw: (hw[0] * hw[1], hw))
+    return sizes[(len(sizes) - 1) // 2]
 
 
 def _to_original(det: dict[str, torch.Tensor], params, key: str, score_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +116,35 @@ def _evaluators(metrics: Sequence[str], classes: Sequence[str], detection_ok: bo
     return out
 
 
+def _predict_into(model: nn.Module, data: Dataset, pre, scale: float, evaluators: dict[str, Any], *,
+                  device: torch.device, batch_size: int, workers: int, progress: bool | None,
+                  name: str) -> tuple[float, float]:
+    """Predicts every image of ``data`` and feeds the evaluators (boxes in original pixels); returns
+    ``(total seconds, seconds inside predict)``."""
+    from tqdm.auto import tqdm
+
+    from data.loader import DetectionImages, EvalSampler, make_loader
+
+    loader = make_loader(DetectionImages(data, pre, scale=scale), EvalSampler(len(data), batch_size),
+                         num_workers=workers)
+    t_start, predict_s = time.perf_counter(), 0.0
+    with tqdm(total=len(data), desc=f"evaluate {name}", unit="img",
+              disable=None if progress is None else not progress) as bar, torch.inference_mode():
+        for batch in loader:
+            t0 = time.perf_counter()
+            outputs = model.predict(batch.images.to(device), batch.image_sizes)
+            predict_s += time.perf_counter() - t0
+            for index, params, out in zip(batch.indices, batch.params, outputs):
+                record = data.records[index]
+                boxes, scores = _to_original(out, params, "boxes", "scores")
+                dets = {"boxes": boxes, "scores": scores, "labels": out["labels"].cpu().numpy().astype(np.int64)}
+                pboxes, pscores = _to_original(out, params, "proposals", "proposal_scores")
+                for m, ev in evaluators.items():
+                    ev.process(record, {"boxes": pboxes, "scores": pscores} if m == "recall" else dets)
+            bar.update(len(batch))
+    return time.perf_counter() - t_start, predict_s
+
+
 def evaluate_model(
     model: nn.Module,
     meta: dict,
@@ -127,19 +156,17 @@ def evaluate_model(
     workers: int = 0,
     max_images: int | None = None,
     plots_dir: Path | None = None,
-    profile: bool = True,
+    profile: bool = False,
     progress: bool | None = None,
     name: str = "model",
 ) -> dict[str, Any]:
     """Runs ``model.predict`` over the labelled images of ``dataset`` and scores it.
 
-    Returns ``{"dataset", "model", "input", "metrics": {name: evaluator result (curves as numpy)},
-    "summary": flat headline numbers, "profile" (when asked), "timing", "plots": [paths], "notes"}``.
+    Returns ``{<metric>: evaluator result (curves as numpy) for each metric computed, "summary": flat headline
+    numbers, "dataset", "model", "input", "timing", "plots": [paths], "notes", "profile" (with ``profile``:
+    parameters, GFLOPs, ms/image at the typical input size; a few seconds)}``.
     ``meta`` is the checkpoint's meta (``classes``, ``preprocess``, optional ``input_scale``).
     """
-    from tqdm.auto import tqdm
-
-    from data.loader import DetectionImages, EvalSampler, make_loader
     from detection.device import select_device
 
     metrics = check_metrics(metrics)
@@ -170,35 +197,20 @@ def evaluate_model(
 
     was_training = model.training
     model.to(dev).eval()
-    images = DetectionImages(data, pre, scale=scale)
-    loader = make_loader(images, EvalSampler(len(data), batch_size), num_workers=workers)
-    t_start = time.perf_counter()
-    predict_s = 0.0
-    bar = tqdm(total=len(data), desc=f"evaluate {name}", unit="img", disable=None if progress is None else not progress)
-    with torch.inference_mode():
-        for batch in loader:
-            t0 = time.perf_counter()
-            outputs = model.predict(batch.images.to(dev), batch.image_sizes)
-            predict_s += time.perf_counter() - t0
-            for index, params, out in zip(batch.indices, batch.params, outputs):
-                record = data.records[index]
-                boxes, scores = _to_original(out, params, "boxes", "scores")
-                dets = {"boxes": boxes, "scores": scores, "labels": out["labels"].cpu().numpy().astype(np.int64)}
-                pboxes, pscores = _to_original(out, params, "proposals", "proposal_scores")
-                for m, ev in evaluators.items():
-                    ev.process(record, {"boxes": pboxes, "scores": pscores} if m == "recall" else dets)
-            bar.update(len(batch))
-    bar.close()
-    total_s = time.perf_counter() - t_start
+    try:
+        total_s, predict_s = _predict_into(model, data, pre, scale, evaluators, device=dev, batch_size=batch_size,
+                                           workers=workers, progress=progress, name=name)
+    finally:
+        model.train(was_training)
     results = {m: ev.evaluate() for m, ev in evaluators.items()}
 
     report: dict[str, Any] = {
+        **results,
         "dataset": {"name": dataset.name, "split": dataset.split, "num_images": len(data),
                     "digest": data.digest(), "classes": list(classes)},
-        "model": {"name": name, "kind": meta.get("kind"), "head": head,
+        "model": {"name": name, "role": meta.get("role"), "head": head,
                   "width": getattr(getattr(model, "config", None), "width", None)},
         "input": {"preprocess": pre.to_dict(), "input_scale": scale},
-        "metrics": results,
         "timing": {"total_s": total_s, "predict_s": predict_s, "images_per_s": len(data) / total_s,
                    "device": str(dev), "batch_size": batch_size},
         "notes": notes,
@@ -214,7 +226,7 @@ def evaluate_model(
     report["summary"] = headline(report)
     if plots_dir is not None:
         report["plots"] = write_plots(report, Path(plots_dir), name=name)
-    model.train(was_training)
+    model.train(was_training)  # profiling leaves the model in eval mode
     return report
 
 
@@ -222,7 +234,7 @@ def headline(report: dict) -> dict[str, float | None]:
     """The flat numbers of a report: recalls, AR, mAPs, COCO APs, LAMR, parameters, GFLOPs, ms/image."""
     from detection.metrics import to_jsonable
 
-    m = report["metrics"]
+    m = report
     out: dict[str, Any] = {}
     if "recall" in m:
         out.update({k: v for k, v in m["recall"].items() if k.startswith(("recall@", "AR@"))})
@@ -245,7 +257,7 @@ def write_plots(report: dict, folder: Path, *, name: str = "model") -> list[str]
     from detection.metrics import plots
 
     folder.mkdir(parents=True, exist_ok=True)
-    m = report["metrics"]
+    m = report
     paths = []
     if "voc" in m:
         paths.append(plots.plot_pr_curves(m["voc"]["curves"], folder / "pr_curves.png", ap=m["voc"]["AP_area"]))
@@ -261,8 +273,8 @@ def report_json(report: dict) -> dict:
     """The report as strict JSON (curves left out: they are in the plots; NaN -> null)."""
     from detection.metrics import to_jsonable
 
-    slim = {**report, "metrics": {k: {kk: vv for kk, vv in v.items() if kk != "curves"}
-                                  for k, v in report["metrics"].items()}}
+    slim = {k: ({kk: vv for kk, vv in v.items() if kk != "curves"} if k in METRICS else v)
+            for k, v in report.items()}
     return to_jsonable(slim)
 
 

@@ -2,7 +2,8 @@
 
 Units: parameters as counts; FLOPs as GFLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs
 per multiply-add; convolutions and matrix products only, so RoIAlign and NMS are not counted); latency in
-milliseconds of ``Detector.predict`` on one ``1 x 3 x h x w`` image under ``torch.inference_mode``; memory in MiB.
+milliseconds of ``Detector.predict`` (and of the backbone alone) on one ``1 x 3 x h x w`` image under
+``torch.inference_mode``; memory in MiB.
 
 Peak memory is measured with torch's ``MemTracker`` (live tensor storages, parameters included, on any device);
 on CUDA ``torch.cuda.max_memory_allocated`` is reported too. Where ``MemTracker`` is missing (older torch) the
@@ -82,23 +83,33 @@ def peak_memory(model: Detector, images: Tensor, image_sizes: list[tuple[int, in
 
 def time_predict_ms(model: Detector, images: Tensor, image_sizes: list[tuple[int, int]]) -> float:
     """Wall time of one ``predict`` in milliseconds (device synchronised on both sides)."""
+    return _time_ms(lambda: model.predict(images, image_sizes), images.device)
+
+
+def time_backbone_ms(model: Detector, images: Tensor) -> float:
+    """Wall time of the backbone alone on ``images``, in milliseconds."""
+    return _time_ms(lambda: model.backbone(images), images.device)
+
+
+def _time_ms(fn, device: torch.device) -> float:
     with torch.inference_mode():
-        _sync(images.device)
+        _sync(device)
         t0 = time.perf_counter()
-        model.predict(images, image_sizes)
-        _sync(images.device)
+        fn()
+        _sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
 def latency_summary(samples_ms: list[float]) -> dict[str, float]:
-    """Median and 90th percentile (linear interpolation) of latency samples."""
+    """Median, 90th percentile (linear interpolation) and minimum of latency samples (ms). On a shared machine
+    the minimum is the closest to the uncontended cost."""
     if not samples_ms:
         raise ValueError("latency_summary needs at least one sample")
     s = sorted(samples_ms)
     pos = 0.9 * (len(s) - 1)
     lo = int(pos)
     p90 = s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
-    return {"median_ms": statistics.median(s), "p90_ms": p90, "n": len(s)}
+    return {"median_ms": statistics.median(s), "p90_ms": p90, "min_ms": s[0], "n": len(s)}
 
 
 def profile_static(
@@ -132,14 +143,17 @@ def profile_models(
     dev = torch.device(device)
     results = {name: profile_static(m, input_size, device=dev) for name, m in models.items()}
     images, sizes = _input(input_size, dev)
-    samples: dict[str, list[float]] = {name: [] for name in models}
+    whole: dict[str, list[float]] = {name: [] for name in models}
+    trunk: dict[str, list[float]] = {name: [] for name in models}
     for i in range(warmup + repeats):
         for name, m in models.items():
-            ms = time_predict_ms(m, images, sizes)
+            ms, bb = time_predict_ms(m, images, sizes), time_backbone_ms(m, images)
             if i >= warmup:
-                samples[name].append(ms)
+                whole[name].append(ms)
+                trunk[name].append(bb)
     for name in models:
-        results[name]["latency"] = latency_summary(samples[name])
+        results[name]["latency"] = latency_summary(whole[name])
+        results[name]["backbone_latency"] = latency_summary(trunk[name])
         results[name]["threads"] = torch.get_num_threads()
     return results
 
@@ -153,6 +167,5 @@ def profile_model(
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """``{"input_size", "device", "params": {backbone, rpn, head, total}, "gflops": {total, backbone},
-    "memory": {method, peak_mb, activation_mb[, cuda_max_allocated_mb]}, "latency": {median_ms, p90_ms, n},
-    "threads"}`` for one image of ``input_size = (h, w)``."""
+    "memory": {method, peak_mb, activation_mb[, cuda_max_allocated_mb]}, "latency": {median_ms, p90_ms, min_ms, n}, "backbone_latency": (same, backbone alone), "threads"}`` for one image of ``input_size = (h, w)``."""
     return profile_models({"model": model}, input_size, repeats=repeats, warmup=warmup, device=device)["model"]

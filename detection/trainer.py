@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,6 +31,7 @@ from detection.device import amp_enabled, select_device
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 EVAL_NAME = "eval.jsonl"
+TENSORBOARD_NAME = "tensorboard"
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 BatchSource = Callable[[int], Iterator[Any]]
@@ -262,7 +263,7 @@ class MetricsLogHook(Hook):
             except ImportError:
                 self._writer = None
             else:
-                self._writer = SummaryWriter(log_dir=str(trainer.out_dir / "tensorboard"), purge_step=trainer.start_iter + 1)
+                self._writer = SummaryWriter(log_dir=str(trainer.out_dir / TENSORBOARD_NAME), purge_step=trainer.start_iter + 1)
 
     def after_step(self, trainer: "Trainer") -> None:
         self._window.append(trainer.storage)
@@ -417,6 +418,12 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return 0
         ckpt = load_checkpoint(self.checkpoint_path)
+        # The trajectory depends on these; device, AMP and hook intervals may change between calls.
+        old, new = ckpt.get("config", {}), self.config.to_dict()
+        changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("iters", "batch_size", "seed", "optim")
+                   if k in old and old[k] != new[k]]
+        if changed:
+            raise ValueError(f"{self.checkpoint_path} was written by a run with other settings ({'; '.join(changed)})")
         done = int(ckpt["iteration"])
         if done > self.config.iters:
             raise ValueError(
@@ -441,7 +448,11 @@ class Trainer:
             h.before_train(self)
         try:
             if self.iter < self.config.iters:
-                batches = self.batches(self.start_iter)
+                # Building a loader draws from the global RNG (DataLoader's base seed); fork so that a fresh and
+                # a resumed run see the same training RNG stream.
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    batches = self.batches(self.start_iter)
                 while self.iter < self.config.iters:
                     t0 = time.perf_counter()
                     batch = next(batches)
@@ -502,9 +513,9 @@ class Trainer:
 def default_hooks(
     config: TrainConfig, *, eval_fn: Callable[[nn.Module, int], dict] | None = None, progress: bool | None = None
 ) -> list[Hook]:
-    """Checkpoint, metrics log, optional periodic evaluation, progress bar: the usual set, in that order."""
-    hooks: list[Hook] = [CheckpointHook(config.checkpoint_every), MetricsLogHook(config.log_every)]
+    """Metrics log, optional periodic evaluation, checkpoint, progress bar: the usual set. The checkpoint comes
+    after the logs so every log line up to a checkpoint's iteration exists once that checkpoint does."""
+    hooks: list[Hook] = [MetricsLogHook(config.log_every)]
     if eval_fn is not None and config.eval_every > 0:
         hooks.append(EvalHook(config.eval_every, eval_fn))
-    hooks.append(ProgressBarHook(enabled=progress))
-    return hooks
+    return [*hooks, CheckpointHook(config.checkpoint_every), ProgressBarHook(enabled=progress)]

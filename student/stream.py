@@ -23,15 +23,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.featurestore import StoreReader, open_store
-from data.loader import Batch, DetectionImages, IterationSampler, _mix, collate
+from data.loader import Batch, DetectionImages, IterationSampler, mix_seeds, collate
 from data.records import Dataset
 
-# A key addresses one item of one source: (source, index, flip); source 0 = labelled, 1 = unlabelled.
-MixedKey = tuple[int, int, bool]
+# A key addresses one item of one source: (source, index, flip, iteration); source 0 = labelled,
+# 1 = unlabelled. The iteration travels with the batch so per-step randomness can be a function of it.
+MixedKey = tuple[int, int, bool, int]
 
 
 class MimicImages(torch.utils.data.Dataset):
-    """One or two (dataset, store) sources; ``__getitem__((source, index, flip))``."""
+    """One or two (dataset, store) sources; ``__getitem__((source, index, flip, iteration))``."""
 
     def __init__(self, sources: list[tuple[Dataset, StoreReader]], images: list[DetectionImages]):
         self.sources = sources
@@ -45,8 +46,9 @@ class MimicImages(torch.utils.data.Dataset):
         return sum(len(ds) for ds, _ in self.sources)
 
     def __getitem__(self, key: MixedKey) -> dict:
-        source, index, flip = key
+        source, index, flip, iteration = key
         item = self.images[source][(index, flip)]
+        item["iteration"] = iteration
         _, store = self.sources[source]
         rec = store.read(int(self._store_index[source][index]), flip=flip)
         item["teacher"] = {
@@ -65,6 +67,7 @@ class MimicImages(torch.utils.data.Dataset):
 class MimicBatch:
     batch: Batch  # the student's images and targets (labelled first)
     num_labelled: int
+    iteration: int  # the training iteration this batch was drawn for
     teacher_features: torch.Tensor  # float32[N, Ct, Hf, Wf], zero-padded
     teacher_hw: list[tuple[int, int]]  # valid (h, w) of each teacher map
     teacher_proposals: list[torch.Tensor]  # [k_i, 4] teacher-input pixels
@@ -100,6 +103,7 @@ def collate_mimic(items: list[dict], *, size_divisor: int) -> MimicBatch:
     return MimicBatch(
         batch=batch,
         num_labelled=sum(bool(it["labelled"]) for it in items),
+        iteration=int(items[0]["iteration"]),
         teacher_features=features,
         teacher_hw=[(int(m.shape[1]), int(m.shape[2])) for m in maps],
         teacher_proposals=[it["teacher"]["proposals"] for it in items],
@@ -132,14 +136,14 @@ class MixedSampler:
             )
         self.labelled = IterationSampler(n_labelled, n_lab, seed=seed, flip=flip)
         self.unlabelled = (
-            IterationSampler(n_unlabelled, n_unl, seed=_mix(seed, 1), flip=flip) if n_unl else None
+            IterationSampler(n_unlabelled, n_unl, seed=mix_seeds(seed, 1), flip=flip) if n_unl else None
         )
         self.start_iter = start_iter
 
     def batch(self, iteration: int) -> list[MixedKey]:
-        keys = [(0, i, f) for i, f in self.labelled.batch(iteration)]
+        keys = [(0, i, f, iteration) for i, f in self.labelled.batch(iteration)]
         if self.unlabelled is not None:
-            keys += [(1, i, f) for i, f in self.unlabelled.batch(iteration)]
+            keys += [(1, i, f, iteration) for i, f in self.unlabelled.batch(iteration)]
         return keys
 
     def __iter__(self) -> Iterator[list[MixedKey]]:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from data import load_dataset
 from data.errors import DataError, StoreError
 from data.featurestore import StoreReader, open_store
-from data.loader import DetectionImages
+from data.loader import DetectionImages, mix_seeds
 from data.records import Dataset
 from data.transforms import Preprocess
 from detection.detector import Detector, DetectorConfig, build_detector, load_detector, save_detector
@@ -42,7 +42,7 @@ from detection.trainer import (
     TrainConfig,
     Trainer,
 )
-from student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss, sample_regions
+from student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss
 from student.stream import MimicImages, MixedSampler, make_mimic_loader, open_source
 
 STRATEGIES = ("roi", "map", "logits", "none")
@@ -139,7 +139,6 @@ class StudentModel(nn.Module):
         self.transform = transform
         self.cfg = config
         self.teacher_stride = teacher_stride
-        self.generator = torch.Generator().manual_seed(config.seed)
 
     def forward(self, mb) -> dict[str, Tensor]:
         cfg, det, b = self.cfg, self.detector, mb.batch
@@ -180,13 +179,28 @@ class StudentModel(nn.Module):
 
     def _regions(self, mb) -> list[Tensor]:
         """R teacher proposals per image (teacher-input pixels); remembers which, for the logits match."""
+        # Region draws are a function of (seed, iteration): a resumed run draws the same regions.
+        generator = torch.Generator().manual_seed(mix_seeds(self.cfg.seed, mb.iteration))
         rois, index = [], []
-        for props, scores in zip(mb.teacher_proposals, mb.teacher_scores):
-            idx = sample_regions(props, scores, num=self.cfg.rois_per_image, generator=self.generator)
+        for props in mb.teacher_proposals:
+            idx = region_indices(props, self.cfg.rois_per_image, generator)
             rois.append(props[idx])
             index.append(idx)
         self._roi_index = index
         return rois
+
+
+def region_indices(proposals: Tensor, num: int, generator: torch.Generator) -> Tensor:
+    """Indices of ``num`` teacher proposals to mimic on: drawn without replacement from the ``2·num``
+    best-scoring usable ones (stored proposals are sorted by score), so regions vary across epochs but stay
+    confident. Same rule as :func:`student.mimic.sample_regions`; indices are kept for the logits match."""
+    wh = proposals[:, 2:] - proposals[:, :2]
+    usable = torch.nonzero((wh >= 1.0).all(dim=1) & torch.isfinite(proposals).all(dim=1)).flatten()
+    pool = usable[: 2 * num]
+    if len(pool) <= num:
+        return pool
+    pick = torch.randperm(len(pool), generator=generator)[:num].sort().values
+    return pool[pick.to(pool.device)]
 
 
 def _labelled_subset(dataset: Dataset, cfg: StudentConfig) -> Dataset:
@@ -291,6 +305,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
         images.append(DetectionImages(unl, pre, scale=cfg.input_scale))
         n_unl = len(unl)
 
+    torch.manual_seed(cfg.seed)  # the student's initial weights
     student = build_student(cfg, dataset.classes)
     # One grid for both maps: student stride (in its own pixels) / input scale == teacher stride.
     if student.feature_stride / cfg.input_scale != manifest.stride:
@@ -299,7 +314,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
             f"{student.feature_stride} at input scale {cfg.input_scale}"
             + ("" if cfg.scale_mimic else " (scale mimic needs --scale-mimic)")
         )
-    transform = MimicTransform(student.feature_channels, manifest.channels) if cfg.feature_mimic else None
+    transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=manifest.channels) if cfg.feature_mimic else None
     model = StudentModel(student, transform, cfg, manifest.stride)
 
     check_out_dir(cfg)
@@ -328,7 +343,6 @@ def run_train_student(cfg: StudentConfig) -> dict:
     hooks = [CheckpointHook(cfg.checkpoint_every), MetricsLogHook(cfg.log_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
     if cfg.eval_every and cfg.eval_split:
         hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
-    torch.manual_seed(cfg.seed)
     trainer = Trainer(
         model=model,
         config=train_cfg,

@@ -50,7 +50,14 @@ def make_tiny_teacher(path: Path, *, width: float = 0.125, size: int = 64, seed:
     """An untrained (seeded) tiny detector saved as a teacher checkpoint with the meta extract-teacher reads."""
     torch.manual_seed(seed)
     config = DetectorConfig(num_classes=len(CLASSES) + 1, width=width, head=head, anchor_sizes=(16, 32))
-    model = build_detector(config).eval()
+    model = build_detector(config)
+    # Calibrate batch-norm statistics on a few random batches, so activations have the scale of a trained
+    # network's (a fresh BN in eval mode passes raw conv outputs through and they grow layer by layer).
+    with torch.no_grad():
+        model.backbone.train()
+        for _ in range(3):
+            model.backbone(torch.randn(4, 3, size, size))
+    model.eval()
     pre = Preprocess(min_size=size, max_size=size)
     save_detector(path, model, {"role": "teacher", "classes": list(CLASSES), "preprocess": pre.to_dict()})
     return path

@@ -290,16 +290,19 @@ def test_eighth_width_detector_overfits_four_tiny_images() -> None:
     before = _recall(targets, [d["proposals"][:10] for d in m.predict(images, sizes)])
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     m.train()
-    for it in range(150):
+    best = (0.0, 0.0)
+    for it in range(1, 201):
         _, losses = m(images, sizes, targets)
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
-        if it >= 40 and it % 20 == 0:
+        if it >= 40 and it % 10 == 0:
             dets = m.predict(images, sizes)
-            if _recall(targets, [d["proposals"][:10] for d in dets]) >= 0.9:
+            rpn = _recall(targets, [d["proposals"][:10] for d in dets])
+            det = _recall(targets, [d["boxes"][:5] for d in dets])
+            best = max(best, (min(rpn, det), rpn))
+            if min(rpn, det) >= 0.9:
                 break
-    dets = m.predict(images, sizes)
     assert before < 0.9
-    assert _recall(targets, [d["proposals"][:10] for d in dets]) >= 0.9
-    assert _recall(targets, [d["boxes"][:5] for d in dets]) >= 0.9
+    # Recall of the top-10 proposals and of the top-5 detections, both at IoU 0.5.
+    assert best[0] >= 0.9, f"recall (min of proposals, detections) reached only {best}"

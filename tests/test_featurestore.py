@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import pickle
 import signal
 import subprocess
@@ -144,7 +143,11 @@ class StoreTests:
         assert len(reader) == N_IMAGES and reader.is_complete() and reader.completed_shards() == [0, 1, 2]
         for i in range(N_IMAGES):
             assert_same(reader.read(i), make_item(m, i))
-        assert [x.features.shape[1:] for x in reader.read_shard(0)] == [(4, 5), (1, 1), *[make_item(m, i).features.shape[1:] for i in (2, 3)]]
+        assert [x.features.shape[1:] for x in reader.read_shard(0)] == [
+            (4, 5),
+            (1, 1),
+            *[make_item(m, i).features.shape[1:] for i in (2, 3)],
+        ]
         assert [len(x.proposals) for x in reader.read_shard(0)][2:] == [0, 6]
         assert_same(reader.read_shard(2)[1], make_item(m, 9))
 
@@ -155,6 +158,25 @@ class StoreTests:
             want = make_item(reader.manifest, i)
             scale = np.abs(want.features).max(axis=(1, 2)) / 127
             assert_same(reader.read(i), want, features_tol=scale[:, None, None] / 2 + 1e-6)
+
+    def test_all_zero_shard_round_trips(self, tmp_path):
+        """A shard equal to the fill value everywhere (no proposals, zero maps) is still written and marked."""
+        writer = self.create(tmp_path / "s", dtype="int8")
+        m = writer.manifest
+        empty = [
+            ImageFeatures(
+                image_id,
+                np.zeros((8, 4, 5), np.float32),
+                *(np.zeros(s, np.float32) for s in [(0, 4), (0,), (0, 3), (0, 12)]),
+            )
+            for image_id in m.image_ids[8:]
+        ]
+        writer.write_shard(2, empty)
+        assert writer.pending_shards() == [0, 1]
+        got = open_store(str(tmp_path / "s")).read(9)
+        np.testing.assert_array_equal(got.features, np.zeros((8, 4, 5), np.float32))
+        assert got.proposals.shape == (0, 4) and got.class_logits.shape == (0, 3)
+        assert verify_store(str(tmp_path / "s")).complete_shards == 1
 
     def test_flips_are_stored_separately(self, tmp_path):
         store = self.filled(tmp_path / "s", flips=(False, True))
@@ -196,8 +218,18 @@ class StoreTests:
         with pytest.raises(StoreError, match="features must be"):
             writer.write_shard(0, [items[0], too_big, *items[2:]])
         wrong_k = replace(items[3], scores=np.zeros(5, np.float32))
-        with pytest.raises(StoreError, match=r"image 'img003': scores must be .* got shape \[5\]"):
+        with pytest.raises(
+            StoreError, match=r"image 'img003': scores must be float32\[6\] for its 6 proposals, got shape \[5\]"
+        ):
             writer.write_shard(0, [*items[:3], wrong_k])
+        too_many = replace(items[3], proposals=np.zeros((7, 4), np.float32))
+        with pytest.raises(
+            StoreError, match=r"image 'img003': proposals must be float32\[k<=6, 4\], got shape \[7, 4\]"
+        ):
+            writer.write_shard(0, [*items[:3], too_many])
+        ints = replace(items[0], class_logits=np.zeros((items[0].proposals.shape[0], 3), np.int64))
+        with pytest.raises(StoreError, match="image 'img000': class_logits: expected a float array, got dtype int64"):
+            writer.write_shard(0, [ints, *items[1:]])
         with pytest.raises(StoreError, match="got flipped records"):
             writer.write_shard(0, items, items)
         with pytest.raises(StoreError, match="shard 3 out of range"):
@@ -289,7 +321,9 @@ class StoreTests:
         path, offset, length = self.chunk_location(store, self.marker(store, 1), 1, 2)  # image 6
         flip_byte(path, offset + length // 2)
         report = verify_store(str(store))
-        assert any(e.startswith("shard 1 image 6 ('img006')") and "cannot be decoded" in e for e in report.errors), report.errors
+        assert any(e.startswith("shard 1 image 6 ('img006')") and "cannot be decoded" in e for e in report.errors), (
+            report.errors
+        )
         assert not any("image 5" in e or "image 7" in e for e in report.errors)
         reader = open_store(str(store))
         assert_same(reader.read(7), make_item(reader.manifest, 7))  # neighbours still read
@@ -308,8 +342,12 @@ class StoreTests:
             "image 'img003': 1 non-finite values stored (verify-store will report them)",
         ]
         report = verify_store(str(tmp_path / "s"))
-        assert any(e.startswith("shard 0 image 1 ('img001')") and "NaN/Inf values in features" in e for e in report.errors)
-        assert any(e.startswith("shard 0 image 3 ('img003')") and "1 NaN/Inf values in proposals" in e for e in report.errors)
+        assert any(
+            e.startswith("shard 0 image 1 ('img001')") and "NaN/Inf values in features" in e for e in report.errors
+        )
+        assert any(
+            e.startswith("shard 0 image 3 ('img003')") and "1 NaN/Inf values in proposals" in e for e in report.errors
+        )
 
     def test_float16_overflow_warns(self, tmp_path):
         writer = self.create(tmp_path / "s")
@@ -331,14 +369,18 @@ class StoreTests:
         doc = json.loads((store / "manifest.json").read_text())
         doc["features"]["stride"] = "16"
         (store / "manifest.json").write_text(json.dumps(doc))
-        with pytest.raises(StoreError, match=r"manifest\.json: field features\.stride: expected a positive integer, got '16'"):
+        with pytest.raises(
+            StoreError, match=r"manifest\.json: field features\.stride: expected a positive integer, got '16'"
+        ):
             open_store(str(store))
         assert "features.stride" in verify_store(str(store)).errors[0]
 
     def test_killed_writer_leaves_complete_shards_only(self, tmp_path):
         """SIGKILL a real writer process mid-run: every marked shard verifies, the rest are pending."""
         store = tmp_path / "s"
-        manifest = make_manifest(image_ids=tuple(f"img{i:03d}" for i in range(160)), shard_size=8, max_hw=(20, 25), channels=16)
+        manifest = make_manifest(
+            image_ids=tuple(f"img{i:03d}" for i in range(160)), shard_size=8, max_hw=(20, 25), channels=16
+        )
         create_store(str(store), manifest, backend=self.backend).close()
         script = textwrap.dedent(f"""
             from tests.test_featurestore import write_shards
@@ -347,7 +389,11 @@ class StoreTests:
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
         try:
             deadline = time.monotonic() + 60
-            while len(list((store / "_complete").glob("*.json"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            while (
+                len(list((store / "_complete").glob("*.json"))) < 3
+                and proc.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.005)
             proc.send_signal(signal.SIGKILL)
         finally:
@@ -369,7 +415,10 @@ class StoreTests:
         m = make_manifest()
         on_disk = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
         items = [make_item(m, i) for i in range(N_IMAGES)]
-        raw = sum(4 * (x.features.size + x.proposals.size + x.scores.size + x.class_logits.size + x.box_deltas.size) for x in items)
+        raw = sum(
+            4 * (x.features.size + x.proposals.size + x.scores.size + x.class_logits.size + x.box_deltas.size)
+            for x in items
+        )
         assert info["bytes_on_disk"] == on_disk
         assert info["raw_float32_bytes"] == raw
         assert info["compression_ratio"] == pytest.approx(raw / info["shard_bytes"])
@@ -394,8 +443,14 @@ class StoreTests:
     def test_check_compatible_names_both_sides(self, tmp_path):
         reader = open_store(str(self.filled(tmp_path / "s")))
         m = reader.manifest
-        reader.check_compatible(dataset_digest=m.dataset_digest, preprocess=dict(m.preprocess), stride=16, channels=8,
-                                teacher_sha=m.teacher_sha256, classes=["raccoon", "dog"])
+        reader.check_compatible(
+            dataset_digest=m.dataset_digest,
+            preprocess=dict(m.preprocess),
+            stride=16,
+            channels=8,
+            teacher_sha=m.teacher_sha256,
+            classes=["raccoon", "dog"],
+        )
         with pytest.raises(StoreError) as err:
             reader.check_compatible(preprocess={**m.preprocess, "min_size": 320}, stride=8, classes=["raccoon"])
         msg = str(err.value)
@@ -440,15 +495,25 @@ class TestZarrStore(StoreTests):
         path = store / f"features/c/{shard}/0/0/0"
         data = path.read_bytes()
         # Shard index at the end: uint64 (offset, nbytes) per chunk, then its crc32c.
-        index = np.frombuffer(data[-(SHARD * 16 + 4): -4], "<u8").reshape(SHARD, 2)
+        index = np.frombuffer(data[-(SHARD * 16 + 4) : -4], "<u8").reshape(SHARD, 2)
         return path, int(index[local, 0]), int(index[local, 1])
 
     def test_one_object_per_array_and_shard(self, tmp_path):
         store = self.filled(tmp_path / "s", dtype="int8")
         marker = self.marker(store, 2)
-        names = ["features", "scale", "feature_hw", "proposals", "scores", "num_proposals", "class_logits", "box_deltas"]
-        assert sorted(marker["objects"]) == sorted(f"{n}/c/2" + "/0" * nd for n, nd in
-                                                   zip(names, [3, 1, 1, 2, 1, 0, 2, 2]))
+        names = [
+            "features",
+            "scale",
+            "feature_hw",
+            "proposals",
+            "scores",
+            "num_proposals",
+            "class_logits",
+            "box_deltas",
+        ]
+        assert sorted(marker["objects"]) == sorted(
+            f"{n}/c/2" + "/0" * nd for n, nd in zip(names, [3, 1, 1, 2, 1, 0, 2, 2])
+        )
         assert marker["image_ids"] == ["img008", "img009"]
         meta = json.loads((store / "features" / "zarr.json").read_text())
         codec = meta["codecs"][0]
@@ -515,7 +580,9 @@ def test_manifest_from_json_checks_derived_fields():
 
 def test_manifest_diff_names_fields():
     a = make_manifest()
-    b = make_manifest(image_ids=a.image_ids[:5] + ("other",) + a.image_ids[6:], preprocess={**a.preprocess, "min_size": 320}, stride=8)
+    b = make_manifest(
+        image_ids=a.image_ids[:5] + ("other",) + a.image_ids[6:], preprocess={**a.preprocess, "min_size": 320}, stride=8
+    )
     assert a.diff(b) == [
         "dataset.image_ids: 10 ids ([5] = 'img005') != 10 ids ([5] = 'other')",
         "preprocess.min_size: 256 != 320",
@@ -545,12 +612,16 @@ def test_cli_inspect_and_verify(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["inspect-store", str(store)])
     assert result.exit_code == 0, result.output
-    assert "3/3 complete" in result.output and "toy/train: 10 images" in result.output and "compression" in result.output
+    assert (
+        "3/3 complete" in result.output and "toy/train: 10 images" in result.output and "compression" in result.output
+    )
     result = runner.invoke(main, ["verify-store", str(store)])
     assert result.exit_code == 0 and "OK" in result.output
     flip_byte(store / "features/c/1/0/0/0", 10)
     result = runner.invoke(main, ["verify-store", str(store)])
     assert result.exit_code == 1 and "shard 1: object features/c/1/0/0/0 crc32c" in result.output
+    result = runner.invoke(main, ["verify-store", str(store), "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "give --data and --split together" in result.output
     result = runner.invoke(main, ["inspect-store", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "not a feature store" in result.output and "Traceback" not in result.output
 
@@ -563,8 +634,14 @@ def test_cli_verify_against_real_dataset(tmp_path):
 
     root = REPO / ".." / "shared" / "data" / "raccoon"
     dataset = data.load_dataset(root, "test")
-    m = make_manifest(dataset_name=dataset.name, dataset_split=dataset.split, dataset_digest=dataset.digest(),
-                      image_ids=tuple(r.image_id for r in dataset.records), classes=tuple(dataset.classes), shard_size=64)
+    m = make_manifest(
+        dataset_name=dataset.name,
+        dataset_split=dataset.split,
+        dataset_digest=dataset.digest(),
+        image_ids=tuple(r.image_id for r in dataset.records),
+        classes=tuple(dataset.classes),
+        shard_size=64,
+    )
     create_store(str(tmp_path / "s"), m).close()
     runner = CliRunner()
     result = runner.invoke(main, ["verify-store", str(tmp_path / "s"), "--data", str(root), "--split", "test"])

@@ -20,8 +20,8 @@ BUCKET = "mimicdet-features"
 @pytest.fixture(scope="module")
 def s3():
     """(endpoint URL, storage_options) of a moto S3 server on a free loopback port, with one bucket."""
-    from moto.server import ThreadedMotoServer
     import s3fs
+    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -29,8 +29,12 @@ def s3():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as env:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_SESSION_TOKEN": "testing",
+        }.items():
             env.setenv(key, value)
         options = {"client_kwargs": {"endpoint_url": endpoint}}
         s3fs.S3FileSystem(**options).mkdir(BUCKET)
@@ -49,7 +53,9 @@ def _fs(options):
 def test_s3_round_trip_resume_and_verify(s3, backend):
     _, options = s3
     url = f"s3://{BUCKET}/round-trip-{backend}"
-    writer = create_store(url, make_manifest(flips=(False, True), dtype="int8"), backend=backend, storage_options=options)
+    writer = create_store(
+        url, make_manifest(flips=(False, True), dtype="int8"), backend=backend, storage_options=options
+    )
     assert writer.pending_shards() == [0, 1, 2]
     writer.close()
     # Workers reach the store through the same environment-free options; write_shards uses $MIMICDET_S3_ENDPOINT.

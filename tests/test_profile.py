@@ -74,7 +74,7 @@ def test_wider_model_costs_more_and_round_robin_keeps_names() -> None:
 
 def test_latency_summary_known_values() -> None:
     s = latency_summary([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
-    assert s == {"median_ms": 6.0, "p90_ms": 10.0, "n": 11}
+    assert s == {"median_ms": 6.0, "p90_ms": 10.0, "min_ms": 1.0, "n": 11}
     assert latency_summary([2.0, 4.0])["p90_ms"] == pytest.approx(3.8)
     with pytest.raises(ValueError, match="at least one"):
         latency_summary([])

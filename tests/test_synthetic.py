@@ -166,21 +166,28 @@ def test_existing_dataset_is_reused_and_other_parameters_are_refused(tiny, tmp_p
 
 
 def test_interrupted_generation_leaves_nothing_behind(tmp_path):
-    out = tmp_path / "big"
-    code = (f"from data.synthetic import SyntheticConfig, ensure_dataset; "
-            f"ensure_dataset(SyntheticConfig(out={str(out)!r}, train=20000, test=0, workers=1, progress=False))")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    def start(name: str) -> subprocess.Popen:
+        code = (f"from data.synthetic import SyntheticConfig, ensure_dataset; ensure_dataset(SyntheticConfig("
+                f"out={str(tmp_path / name)!r}, train=20000, test=0, workers=1, progress=False))")
+        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+
+    procs = {"interrupted": start("interrupted"), "killed": start("killed")}
     try:
         deadline = time.time() + 60
-        while not list(tmp_path.glob("big.tmp-*/JPEGImages/*.jpg")) and time.time() < deadline:
+        while time.time() < deadline and not all(list(tmp_path.glob(f"{n}.tmp-*/JPEGImages/*.jpg")) for n in procs):
             time.sleep(0.2)
-        assert list(tmp_path.glob("big.tmp-*/JPEGImages/*.jpg")), "generation did not start"
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) != 0
+        assert all(list(tmp_path.glob(f"{n}.tmp-*/JPEGImages/*.jpg")) for n in procs), "generation did not start"
+        os.kill(procs["interrupted"].pid, signal.SIGINT)
+        os.kill(procs["killed"].pid, signal.SIGKILL)
+        assert procs["interrupted"].wait(timeout=60) != 0 and procs["killed"].wait(timeout=60) != 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert list(tmp_path.iterdir()) == []
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    # Ctrl-C cleans up at once; a killed writer's folder is removed by the next run into the same place.
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("killed.tmp-*")).name]
+    ensure_dataset(_tiny(tmp_path / "killed", train=1, test=0, pool=0), echo=lambda s: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["killed"]
 
 
 def test_cli_make_data_prints_summary_draws_previews_and_refuses_a_mismatch(tmp_path):
@@ -230,7 +237,8 @@ def test_summary_counts_a_hand_made_dataset(tmp_path):
     assert s["size_histogram"] == dict(zip(SIZE_BUCKETS, [1, 1, 1, 1, 1]))
     assert s["fraction_small"] == pytest.approx(0.4) and s["median_size"] == pytest.approx(40.0)
     text = format_summary(s)
-    assert text.splitlines()[0] == "hand/train: 3 images (300x200, 1 without boxes), 5 boxes (1 ignored, at most 3 per image)"
+    assert text.splitlines()[0] == (
+        "hand/train: 3 images (300x200, 1 without boxes), 5 boxes (1 ignored, at most 3 per image)")
     assert "below 32 px: 40.0%" in text
 
     Image.new("RGB", (300, 200), (255, 255, 255)).save(tmp_path / "im0.png")

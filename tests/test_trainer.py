@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -41,13 +42,22 @@ def tiny_model() -> nn.Module:
     )
 
 
+class Items(torch.utils.data.Dataset):
+    """Item k depends only on k."""
+
+    def __len__(self) -> int:
+        return 10**6
+
+    def __getitem__(self, k: int):
+        g = torch.Generator().manual_seed(1000 + k)
+        return torch.randn(3, 8, 8, generator=g), torch.randn(2, generator=g)
+
+
 def batches(start: int):
-    """Batch i depends only on (seed, i), like the real IterationSampler."""
-    i = start
-    while True:
-        g = torch.Generator().manual_seed(1000 + i)
-        yield torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 2, generator=g)
-        i += 1
+    """A real DataLoader whose batch i depends only on i, like the IterationSampler (creating its iterator
+    draws from the global RNG, which resume must not notice)."""
+    sampler = ([4 * i + k for k in range(4)] for i in itertools.count(start))
+    return iter(torch.utils.data.DataLoader(Items(), batch_sampler=sampler))
 
 
 def loss_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
@@ -311,3 +321,9 @@ def test_timing_split_into_data_and_compute(tmp_path):
     assert s["step_time_s"] > 0
     assert 0 < s["data_fraction"] < 1
     assert s["s_per_iter"] == pytest.approx((s["data_time_s"] + s["step_time_s"]) / 3)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    make(tmp_path, [CheckpointHook(2)], iters=2).train()
+    with pytest.raises(ValueError, match=r"other settings \(iters: 2 -> 4\)"):
+        make(tmp_path, [CheckpointHook(2)], iters=4).train()

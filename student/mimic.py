@@ -1,0 +1,689 @@
+"""Mimic losses (Li, Jin, Yan, CVPR 2017, eq. 2-5) and the two small modules they train.
+
+Shapes and units: N images, R regions (``R_n`` in image n), Cs student channels, Ct teacher channels,
+H×W feature-map cells at stride ``1/spatial_scale`` input pixels; boxes ``Tensor[R, 4]`` x1y1x2y2 in input
+pixels; K classes (with background) in head outputs.
+
+    L_m = 1/(2N) · Σ_i (1/m_i) · ‖u_i − r(v_i)‖²                                        (paper eq. 5)
+
+``u_i`` is the teacher map sampled in region ``i``, ``v_i`` the student map sampled there, ``r`` a 1×1
+convolution (Cs -> Ct, with bias), ``m_i`` the number of elements of ``u_i`` and N the number of regions in
+the batch. So the loss is half the mean, over regions, of the per-element squared error: a constant error
+``e`` gives ``e²/2`` whatever the box sizes, which is why ``λ1 = 1`` works.
+
+Samplers:
+
+- ``"roialign"``: ``u_i``, ``v_i`` are torchvision ``roi_align`` grids (``output_size`` bins, ``m_i = Ct·Ph·Pw``).
+  The sample of ``r(V)`` is taken from the full-width ``r(V)``, exactly as the plain form does (bins whose
+  samples fall off the map keep torchvision's zero, so the bias counts with the in-map weight only).
+- ``"native"``: ``u_i`` is the block of whole cells the box covers (:func:`native_crops`), ``m_i = Ct·h_i·w_i``.
+
+Cell centres follow ``roi_align``: cell ``(i, j)`` is centred on input pixel ``((j + o)/s, (i + o)/s)`` with
+``s = spatial_scale`` and ``o = 0.5`` if ``aligned`` else ``0`` (``aligned=False`` is the convention of the
+backbone and of torchvision's ``AnchorGenerator``).
+
+``valid_hw[n] = (h, w)`` (map cells) says image n fills only ``map[n, :, :h, :w]`` of a padded batch: every
+loss treats image n's maps as if they were that crop (samples clamp and vanish at its edge, padding never
+counts and gets no gradient).
+
+Cost. The plain form (:func:`roi_mimic_loss_reference`) pools two Ct-channel maps with ``roi_align``, whose CPU
+backward dominates a small student's step. :func:`roi_mimic_loss` computes the same number from linear algebra:
+
+- roialign, small maps: RoIAlign is separable (``P_i X = A^y_i X A^x_iᵀ`` per channel), so
+  ``Σ_i ‖P_i D‖² = ⟨D, D·K⟩`` with ``D = U − r(V)`` (``Tensor[N, Ct, HW]``) and
+  ``K_n = Σ_i (A^y_iᵀA^y_i) ⊗ (A^x_iᵀA^x_i)`` (``HW × HW``, no gradient). One batched matmul forward; the
+  gradient ``2·D·K`` is the product already formed. Cost ``∝ Ct·(HW)²`` per image.
+- roialign, large maps (``(HW)²`` beyond a few regions' worth of bins): pool-then-transform. ``roi_align`` of the
+  student (Cs channels, not Ct) and of the teacher (no gradient), then ``r`` on the pooled bins, with the
+  bias scaled by the pooled ones-map (the in-map fraction of each bin's samples).
+- native: a per-cell weighted MSE, ``weight(y, x) = Σ_i [cell in crop i]/(h_i·w_i)`` built with a 2-D prefix
+  sum, evaluated (and ``r`` applied, as a matmul) only on cells with a positive weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+Sampler = Literal["roialign", "native"]
+SAMPLERS: tuple[str, ...] = ("roialign", "native")
+
+# The kernel form costs Ct·(HW)² per image; pool-then-transform ~ Ct·Cs·R·Ph·Pw plus torchvision roi_align
+# over Ct + Cs channels. Measured on 2 CPU cores (benchmarks/mimic_loss.py) the kernel wins up to ~(HW)² ≈ 8 × the
+# pool-then-transform count (16x16 maps: kernel ~10x faster; 38x63: pool-then-transform ~4x faster).
+_KERNEL_ADVANTAGE = 8.0
+
+
+# --------------------------------------------------------------------------------------------- modules
+
+
+class MimicTransform(nn.Conv2d):
+    """The transform ``r``: a 1×1 convolution ``Tensor[N, Cs, H, W] -> Tensor[N, Ct, H, W]`` with bias.
+
+    Weights are Kaiming-normal with a linear gain (std ``1/sqrt(Cs)``, so ``r`` keeps the scale of its
+    input), the bias is zero.
+    """
+
+    def __init__(self, *, student_channels: int, teacher_channels: int) -> None:
+        if student_channels < 1 or teacher_channels < 1:
+            raise ValueError(
+                f"MimicTransform needs positive channel counts, got student_channels={student_channels}, "
+                f"teacher_channels={teacher_channels}"
+            )
+        super().__init__(student_channels, teacher_channels, kernel_size=1, bias=True)
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="linear")
+        nn.init.zeros_(self.bias)
+
+
+def _bilinear_kernel(size: int) -> Tensor:
+    """FCN's bilinear upsampling filter, ``Tensor[size, size]``."""
+    factor = (size + 1) // 2
+    centre = factor - 1 if size % 2 == 1 else factor - 0.5
+    taps = 1.0 - (torch.arange(size, dtype=torch.float64) - centre).abs() / factor
+    return torch.outer(taps, taps).float()
+
+
+class Upsample2x(nn.ConvTranspose2d):
+    """×2 deconvolution for scale mimic: ``Tensor[N, C, H, W] -> Tensor[N, C, 2H, 2W]``.
+
+    ``ConvTranspose2d(C, C, kernel_size=4, stride=2, padding=1)`` initialised to bilinear interpolation
+    (channel c reads only channel c, taps ``[1/4, 3/4, 3/4, 1/4]``; the outermost output rows/columns see one
+    input tap only, so a constant map comes out ×3/4 there) and zero bias; it is trained with the student.
+    """
+
+    def __init__(self, *, channels: int) -> None:
+        if channels < 1:
+            raise ValueError(f"Upsample2x needs a positive channel count, got channels={channels}")
+        super().__init__(channels, channels, kernel_size=4, stride=2, padding=1, bias=True)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            kernel = _bilinear_kernel(4)
+            for c in range(self.in_channels):
+                self.weight[c, c] = kernel
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+@dataclass(frozen=True)
+class MimicConfig:
+    """How the region mimic samples the maps; ``stride`` is the maps' stride in input pixels."""
+
+    sampler: Sampler = "roialign"
+    stride: int = 16
+    output_size: int = 7
+    sampling_ratio: int = 2
+    aligned: bool = False
+    scale_mimic: bool = False  # the student saw a half-size image: upsample its map ×2 before ``r``
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"MimicConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.stride < 1 or self.output_size < 1:
+            raise ValueError(
+                f"MimicConfig needs stride >= 1 and output_size >= 1, got {self.stride}, {self.output_size}"
+            )
+
+
+class RoIMimic(nn.Module):
+    """Region mimic with its trainable parts: optional :class:`Upsample2x`, then ``r`` (:class:`MimicTransform`).
+
+    ``forward(student_map, teacher_map, rois, valid_hw=None)`` returns :func:`roi_mimic_loss`.
+    """
+
+    def __init__(self, *, config: MimicConfig, student_channels: int, teacher_channels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.upsample: nn.Module = (
+            Upsample2x(channels=student_channels) if config.scale_mimic else nn.Identity()
+        )
+        self.transform = MimicTransform(student_channels=student_channels, teacher_channels=teacher_channels)
+
+    def forward(
+        self,
+        student_map: Tensor,
+        teacher_map: Tensor,
+        rois: Sequence[Tensor],
+        valid_hw: Sequence[tuple[int, int]] | None = None,
+    ) -> Tensor:
+        c = self.config
+        return roi_mimic_loss(
+            self.upsample(student_map),
+            teacher_map,
+            rois,
+            self.transform,
+            spatial_scale=1.0 / c.stride,
+            sampler=c.sampler,
+            output_size=c.output_size,
+            sampling_ratio=c.sampling_ratio,
+            aligned=c.aligned,
+            valid_hw=valid_hw,
+        )
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _linear_params(transform: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``r`` as ``(weight Tensor[Ct, Cs], bias Tensor[Ct] | None)``; it must be a plain 1×1 convolution."""
+    if not isinstance(transform, nn.Conv2d):
+        raise ValueError(f"transform must be a 1x1 nn.Conv2d (e.g. MimicTransform), got {type(transform).__name__}")
+    if (
+        tuple(transform.kernel_size) != (1, 1)
+        or tuple(transform.stride) != (1, 1)
+        or transform.padding not in ((0, 0), "valid")
+        or tuple(transform.dilation) != (1, 1)
+        or transform.groups != 1
+    ):
+        raise ValueError(
+            "transform must be a 1x1 nn.Conv2d with stride 1, no padding, dilation 1 and groups 1, got "
+            f"kernel_size={transform.kernel_size}, stride={transform.stride}, padding={transform.padding}, "
+            f"dilation={transform.dilation}, groups={transform.groups}"
+        )
+    return transform.weight.flatten(1), transform.bias
+
+
+def _check_maps(student_map: Tensor, teacher_map: Tensor, transform: nn.Module) -> tuple[Tensor, Tensor | None]:
+    if student_map.dim() != 4 or teacher_map.dim() != 4:
+        raise ValueError(
+            f"student_map and teacher_map must be Tensor[N, C, H, W], got student {tuple(student_map.shape)} "
+            f"and teacher {tuple(teacher_map.shape)}"
+        )
+    if student_map.shape[0] != teacher_map.shape[0] or student_map.shape[2:] != teacher_map.shape[2:]:
+        raise ValueError(
+            f"student map {tuple(student_map.shape)} and teacher map {tuple(teacher_map.shape)} must have the same "
+            "batch size and spatial size (upsample the student's map first for scale mimic)"
+        )
+    if not student_map.is_floating_point() or not teacher_map.is_floating_point():
+        raise ValueError(
+            f"maps must be floating point, got student {student_map.dtype} and teacher {teacher_map.dtype}"
+        )
+    weight, bias = _linear_params(transform)
+    if weight.shape != (teacher_map.shape[1], student_map.shape[1]):
+        raise ValueError(
+            f"transform maps {weight.shape[1]} -> {weight.shape[0]} channels but the student map has "
+            f"{student_map.shape[1]} and the teacher map {teacher_map.shape[1]}"
+        )
+    return weight, bias
+
+
+def _check_valid_hw(valid_hw: Sequence[tuple[int, int]] | None, n: int, h: int, w: int) -> list[tuple[int, int]]:
+    if valid_hw is None:
+        return [(h, w)] * n
+    if len(valid_hw) != n:
+        raise ValueError(f"valid_hw must hold one (h, w) per image: {n} images, got {len(valid_hw)} entries")
+    out = []
+    for k, hw in enumerate(valid_hw):
+        vh, vw = (int(v) for v in hw)
+        if not (1 <= vh <= h and 1 <= vw <= w):
+            raise ValueError(f"valid_hw[{k}] must lie within 1..{h} x 1..{w} map cells, got {tuple(hw)}")
+        out.append((vh, vw))
+    return out
+
+
+def _check_rois(rois: Sequence[Tensor], n: int, like: Tensor) -> list[Tensor]:
+    if isinstance(rois, Tensor) or len(rois) != n:
+        got = f"a Tensor of shape {tuple(rois.shape)}" if isinstance(rois, Tensor) else f"{len(rois)} entries"
+        raise ValueError(f"rois must be a list with one Tensor[R_n, 4] per image ({n} images), got {got}")
+    out = []
+    for k, r in enumerate(rois):
+        if r.dim() != 2 or r.shape[1] != 4:
+            raise ValueError(f"rois[{k}] must be Tensor[R, 4] (x1, y1, x2, y2 pixels), got {tuple(r.shape)}")
+        out.append(r.to(device=like.device, dtype=like.dtype))
+    return out
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if ph < 1 or pw < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    return int(ph), int(pw)
+
+
+def _zero_loss(student_map: Tensor, weight: Tensor) -> Tensor:
+    # No region: a zero that still reaches the student and r, so backward() works on the loss alone.
+    return (student_map * 0).sum() + (weight * 0).sum()
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+def native_crops(
+    boxes: Tensor, *, spatial_scale: float, height: int, width: int, aligned: bool = False
+) -> Tensor:
+    """Whole-cell crops of ``boxes`` (``Tensor[R, 4]`` x1y1x2y2 px) -> ``Tensor[R, 4]`` int64 ``(y0, y1, x0, x1)``.
+
+    A crop is the cells whose centres fall inside the box, half-open: cell ``j`` (centre ``(j + o)/s`` px)
+    is in when ``x1 <= (j + o)/s < x2``, i.e. ``j`` in ``[ceil(x1·s − o), ceil(x2·s − o))``. A box holding no
+    centre takes the one cell whose centre is nearest the box centre. Crops are clamped to the ``height × width``
+    map and keep at least one cell (a box off the map gets the nearest border cell). ``y1``/``x1`` are exclusive.
+    """
+    off = 0.5 if aligned else 0.0
+    b = boxes.to(torch.float64) * spatial_scale - off
+
+    def axis(lo: Tensor, hi: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        first = torch.ceil(lo)
+        stop = torch.ceil(hi)
+        nearest = torch.floor((lo + hi) / 2 + 0.5)
+        empty = stop <= first
+        first = torch.where(empty, nearest, first).clamp(0, size - 1)
+        stop = torch.where(empty, nearest + 1, stop)
+        stop = torch.maximum(stop, first + 1).clamp(max=size)
+        return first.long(), stop.long()
+
+    y0, y1 = axis(b[:, 1], b[:, 3], height)
+    x0, x1 = axis(b[:, 0], b[:, 2], width)
+    return torch.stack([y0, y1, x0, x1], dim=1)
+
+
+def _axis_weights(
+    lo: Tensor, hi: Tensor, size: Tensor, full: int, *, spatial_scale: float, bins: int, sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """One axis of torchvision's RoIAlign as a matrix: box edges ``[R]`` -> ``Tensor[R, bins, full]``.
+
+    ``A[r, p, k]`` is the weight of map row (or column) ``k`` in bin ``p`` of box ``r`` on a map ``size[r]``
+    long, including ``1/grid``; RoIAlign of box ``r`` is ``A^y X A^xᵀ`` per channel. Mirrors
+    ``roi_align_kernel.cpp``: samples outside ``[-1, size]`` count zero, samples in ``[-1, 0]`` clamp to 0,
+    samples past ``size - 1`` clamp to the last cell.
+    """
+    off = 0.5 if aligned else 0.0
+    start = lo * spatial_scale - off
+    length = hi * spatial_scale - off - start
+    if not aligned:
+        length = length.clamp(min=1.0)
+    bin_size = length / bins
+    if sampling_ratio > 0:
+        grid = torch.full_like(length, float(sampling_ratio))
+        g_max = sampling_ratio
+    else:
+        grid = torch.ceil(length / bins)
+        g_max = max(int(grid.max().item()) if grid.numel() else 1, 1)
+    p = torch.arange(bins, device=lo.device, dtype=lo.dtype)[None, :, None]
+    it = torch.arange(g_max, device=lo.device, dtype=lo.dtype)[None, None, :]
+    pos = (
+        start[:, None, None] + p * bin_size[:, None, None] + (it + 0.5) * (bin_size / grid)[:, None, None]
+    )  # [R, bins, G], same expression order as torchvision
+    limit = size.to(lo.dtype)[:, None, None]
+    keep = (it < grid[:, None, None]) & (pos >= -1.0) & (pos <= limit)
+    pos = pos.clamp(min=0.0)
+    low = pos.long()  # pos >= 0, so truncation is floor
+    top = (size - 1).to(low.dtype)[:, None, None]
+    at_top = low >= top
+    low = torch.where(at_top, top, low)
+    high = torch.where(at_top, top, low + 1)
+    frac = torch.where(at_top, torch.zeros_like(pos), pos - low.to(pos.dtype))
+    share = keep.to(lo.dtype) / grid.clamp(min=1.0)[:, None, None]
+    out = torch.zeros(lo.shape[0], bins, full, dtype=lo.dtype, device=lo.device)
+    out.scatter_add_(2, low, (1.0 - frac) * share)
+    out.scatter_add_(2, high, frac * share)
+    return out
+
+
+# ------------------------------------------------------------------------------------- fast forms
+
+
+class _SymmetricQuadraticForm(torch.autograd.Function):
+    """``Σ_n ⟨D_n, D_n K_n⟩`` for symmetric ``K`` (``D: Tensor[N, C, M]``, ``K: Tensor[N, M, M]``, no grad to K).
+
+    The gradient ``2·D·K`` is the product the forward already formed, so it is kept instead of recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, d: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
+        dk = torch.bmm(d, k)
+        ctx.save_for_backward(dk)
+        return torch.einsum("ncm,ncm->", d, dk)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (dk,) = ctx.saved_tensors
+        return 2.0 * grad * dk, None
+
+
+def _roi_weights(
+    rois: list[Tensor], sizes: list[tuple[int, int]], h: int, w: int, *, spatial_scale: float,
+    output_size: tuple[int, int], sampling_ratio: int, aligned: bool,
+) -> tuple[Tensor, Tensor]:
+    boxes = torch.cat(rois)
+    counts = torch.tensor([len(r) for r in rois], device=boxes.device)
+    hs = torch.tensor([s[0] for s in sizes], device=boxes.device).repeat_interleave(counts)
+    ws = torch.tensor([s[1] for s in sizes], device=boxes.device).repeat_interleave(counts)
+    common = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned)
+    ay = _axis_weights(boxes[:, 1], boxes[:, 3], hs, h, bins=output_size[0], **common)
+    ax = _axis_weights(boxes[:, 0], boxes[:, 2], ws, w, bins=output_size[1], **common)
+    return ay, ax
+
+
+def _roialign_kernel(
+    student_map: Tensor, teacher_map: Tensor, rois: list[Tensor], weight: Tensor, bias: Tensor | None,
+    sizes: list[tuple[int, int]], *, spatial_scale: float, output_size: tuple[int, int], sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """``Σ_i ‖P_i(U − r(V))‖²`` (sum over regions, bins and channels) as ``Σ_n ⟨D_n, D_n K_n⟩``."""
+    n, _, h, w = student_map.shape
+    ay, ax = _roi_weights(
+        rois, sizes, h, w, spatial_scale=spatial_scale, output_size=output_size,
+        sampling_ratio=sampling_ratio, aligned=aligned,
+    )
+    # B^y_i = A^yᵀA^y (H×H), B^x_i (W×W); K_n = Σ_i B^y_i ⊗ B^x_i, laid out over cells (y, x).
+    by = torch.einsum("rph,rpk->rhk", ay, ay).flatten(1)
+    bx = torch.einsum("rpw,rpv->rwv", ax, ax).flatten(1)
+    kernels = []
+    for by_n, bx_n in zip(by.split([len(r) for r in rois]), bx.split([len(r) for r in rois])):
+        k = (by_n.t() @ bx_n).view(h, h, w, w).permute(0, 2, 1, 3).reshape(h * w, h * w)
+        kernels.append((k + k.t()) * 0.5)  # exactly symmetric, so the saved 2·D·K is the exact gradient
+    kernel = torch.stack(kernels)
+    d = teacher_map.flatten(2) - torch.matmul(weight, student_map.flatten(2))  # fp16 teacher promotes here
+    if bias is not None:
+        d = d - bias[:, None]
+    return _SymmetricQuadraticForm.apply(d, kernel)
+
+
+def _roi_align_per_image(
+    x: Tensor, rois: list[Tensor], sizes: list[tuple[int, int]], *, spatial_scale: float,
+    output_size: tuple[int, int], sampling_ratio: int, aligned: bool,
+) -> Tensor:
+    """torchvision ``roi_align`` where image n's map is ``x[n, :, :h_n, :w_n]`` -> ``Tensor[R, C, Ph, Pw]``."""
+    args = (output_size, spatial_scale, sampling_ratio, aligned)
+    if all(s == tuple(x.shape[2:]) for s in sizes):
+        return roi_align(x, rois, *args)
+    return torch.cat([roi_align(x[k : k + 1, :, :vh, :vw], [r], *args) for k, (r, (vh, vw)) in enumerate(zip(rois, sizes))])
+
+
+def _roialign_pool_then_transform(
+    student_map: Tensor, teacher_map: Tensor, rois: list[Tensor], weight: Tensor, bias: Tensor | None,
+    sizes: list[tuple[int, int]], *, spatial_scale: float, output_size: tuple[int, int], sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """``Σ_i ‖P_i U − (W·P_i V + b·P_i 1)‖²``: pool Cs channels, not Ct; ``P_i 1`` is each bin's in-map share."""
+    common = dict(
+        spatial_scale=spatial_scale, output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned
+    )
+    pooled_s = _roi_align_per_image(student_map, rois, sizes, **common)
+    with torch.no_grad():
+        pooled_t = _roi_align_per_image(teacher_map.to(student_map.dtype), rois, sizes, **common)
+    cs, ct = student_map.shape[1], teacher_map.shape[1]
+    pred = pooled_s.permute(0, 2, 3, 1).reshape(-1, cs) @ weight.t()
+    if bias is not None:
+        with torch.no_grad():
+            ones = student_map.new_ones(student_map.shape[0], 1, *student_map.shape[2:])
+            share = _roi_align_per_image(ones, rois, sizes, **common).reshape(-1, 1)
+        pred = pred + share * bias
+    return (pooled_t.permute(0, 2, 3, 1).reshape(-1, ct) - pred).square().sum()
+
+
+def _native_weights(
+    rois: list[Tensor], sizes: list[tuple[int, int]], h: int, w: int, *, spatial_scale: float, aligned: bool
+) -> Tensor:
+    """``weight[n, y, x] = Σ_{i in image n} [cell in crop i] / (h_i·w_i)`` (float64) via 2-D prefix sums."""
+    n = len(rois)
+    device = rois[0].device
+    crops = torch.cat(
+        [native_crops(r, spatial_scale=spatial_scale, height=vh, width=vw, aligned=aligned) for r, (vh, vw) in zip(rois, sizes)]
+    )
+    image = torch.arange(n, device=device).repeat_interleave(torch.tensor([len(r) for r in rois], device=device))
+    y0, y1, x0, x1 = crops.unbind(1)
+    share = 1.0 / ((y1 - y0) * (x1 - x0)).to(torch.float64)
+    diff = torch.zeros(n, h + 1, w + 1, dtype=torch.float64, device=device)
+    for ys, xs, sign in ((y0, x0, 1.0), (y0, x1, -1.0), (y1, x0, -1.0), (y1, x1, 1.0)):
+        diff.index_put_((image, ys, xs), sign * share, accumulate=True)
+    weight = diff.cumsum(1).cumsum(2)[:, :h, :w]
+    # The prefix sums leave ~1e-17 residues on uncovered cells; a count map says exactly which are covered.
+    hits = torch.zeros(n, h + 1, w + 1, dtype=torch.int64, device=device)
+    ones = torch.ones_like(y0)
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        hits.index_put_((image, ys, xs), sign * ones, accumulate=True)
+    return torch.where(hits.cumsum(1).cumsum(2)[:, :h, :w] > 0, weight, 0.0)
+
+
+def _native_weighted(
+    student_map: Tensor, teacher_map: Tensor, rois: list[Tensor], weight: Tensor, bias: Tensor | None,
+    sizes: list[tuple[int, int]], *, spatial_scale: float, aligned: bool,
+) -> Tensor:
+    """``Σ_i ‖crop_i(U − r(V))‖² / (h_i·w_i)`` as ``Σ_cells weight·‖U − r(V)‖²`` over covered cells only."""
+    n, _, h, w = student_map.shape
+    cell_weight = _native_weights(rois, sizes, h, w, spatial_scale=spatial_scale, aligned=aligned)
+    image, ys, xs = torch.nonzero(cell_weight, as_tuple=True)
+    v = student_map[image, :, ys, xs]  # [M, Cs]
+    u = teacher_map[image, :, ys, xs].to(student_map.dtype)  # [M, Ct]; fp16 store maps cast here, once
+    pred = v @ weight.t() if bias is None else torch.addmm(bias, v, weight.t())
+    per_cell = (u - pred).square().sum(1)
+    return (per_cell * cell_weight[image, ys, xs].to(per_cell.dtype)).sum()
+
+
+def _use_kernel(h: int, w: int, rois_per_image: float, bins: int, student_channels: int) -> bool:
+    return (h * w) ** 2 <= _KERNEL_ADVANTAGE * max(rois_per_image, 1.0) * bins * student_channels
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def roi_mimic_loss(
+    student_map: Tensor,
+    teacher_map: Tensor,
+    rois: Sequence[Tensor],
+    transform: nn.Module,
+    *,
+    spatial_scale: float,
+    sampler: Sampler,
+    output_size: int | tuple[int, int] = 7,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    valid_hw: Sequence[tuple[int, int]] | None = None,
+) -> Tensor:
+    """Region mimic loss, paper eq. 5, exactly; the fast form of :func:`roi_mimic_loss_reference`.
+
+    Args:
+        student_map: ``Tensor[N, Cs, H, W]`` (after the ×2 upsample for scale mimic).
+        teacher_map: ``Tensor[N, Ct, H, W]``, a target: fp16 is accepted (cast once), no gradient flows to it.
+        rois: one ``Tensor[R_n, 4]`` per image, x1y1x2y2 input pixels (the teacher's proposals).
+        transform: ``r``, a 1×1 ``nn.Conv2d`` Cs -> Ct (:class:`MimicTransform`).
+        spatial_scale: map cells per input pixel, ``1/stride``.
+        sampler: ``"roialign"`` (RoIAlign grid, ``m_i = Ct·Ph·Pw``) or ``"native"`` (:func:`native_crops`,
+            ``m_i = Ct·h_i·w_i``).
+        output_size, sampling_ratio, aligned: torchvision ``roi_align`` arguments (roialign sampler).
+        valid_hw: per image ``(h, w)`` map cells holding the image; the rest is padding and is ignored.
+
+    Returns:
+        Scalar ``1/(2N) Σ_i ‖u_i − r(v_i)‖² / m_i`` (N regions in the batch; 0 when there are none).
+    """
+    _check_sampler(sampler)
+    weight, bias = _check_maps(student_map, teacher_map, transform)
+    n, cs, h, w = student_map.shape
+    sizes = _check_valid_hw(valid_hw, n, h, w)
+    boxes = _check_rois(rois, n, student_map)
+    total = sum(len(r) for r in boxes)
+    if total == 0:
+        return _zero_loss(student_map, weight)
+    teacher_map = teacher_map.detach()
+    ct = teacher_map.shape[1]
+    if sampler == "native":
+        err = _native_weighted(
+            student_map, teacher_map, boxes, weight, bias, sizes, spatial_scale=spatial_scale, aligned=aligned
+        )
+        return err / (2.0 * total * ct)
+    ph, pw = _pair(output_size)
+    common = dict(
+        spatial_scale=spatial_scale, output_size=(ph, pw), sampling_ratio=sampling_ratio, aligned=aligned
+    )
+    if _use_kernel(h, w, total / n, ph * pw, cs):
+        err = _roialign_kernel(student_map, teacher_map, boxes, weight, bias, sizes, **common)
+    else:
+        err = _roialign_pool_then_transform(student_map, teacher_map, boxes, weight, bias, sizes, **common)
+    return err / (2.0 * total * ct * ph * pw)
+
+
+def roi_mimic_loss_reference(
+    student_map: Tensor,
+    teacher_map: Tensor,
+    rois: Sequence[Tensor],
+    transform: nn.Module,
+    *,
+    spatial_scale: float,
+    sampler: Sampler,
+    output_size: int | tuple[int, int] = 7,
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    valid_hw: Sequence[tuple[int, int]] | None = None,
+) -> Tensor:
+    """The plain form of :func:`roi_mimic_loss` (same arguments and value), kept to test the fast form.
+
+    ``r`` runs on the full student map; each region of ``r(V)`` and of the teacher map is sampled
+    (torchvision ``roi_align``, or a crop) and its squared error summed, one region at a time.
+    """
+    _check_sampler(sampler)
+    _check_maps(student_map, teacher_map, transform)
+    n, _, h, w = student_map.shape
+    sizes = _check_valid_hw(valid_hw, n, h, w)
+    boxes = _check_rois(rois, n, student_map)
+    total = sum(len(r) for r in boxes)
+    if total == 0:
+        return _zero_loss(student_map, transform.weight)
+    teacher = teacher_map.detach().to(student_map.dtype)
+    mapped = transform(student_map)
+    terms = []
+    for k, (r, (vh, vw)) in enumerate(zip(boxes, sizes)):
+        u_map, v_map = teacher[k : k + 1, :, :vh, :vw], mapped[k : k + 1, :, :vh, :vw]
+        if sampler == "roialign":
+            u = roi_align(u_map, [r], output_size, spatial_scale, sampling_ratio, aligned)
+            v = roi_align(v_map, [r], output_size, spatial_scale, sampling_ratio, aligned)
+            terms.extend(((u - v).square().flatten(1).mean(1)).unbind())
+        else:
+            crops = native_crops(r, spatial_scale=spatial_scale, height=vh, width=vw, aligned=aligned)
+            for y0, y1, x0, x1 in crops.tolist():
+                terms.append((u_map[0, :, y0:y1, x0:x1] - v_map[0, :, y0:y1, x0:x1]).square().mean())
+    return torch.stack(terms).sum() / (2.0 * total)
+
+
+def map_mimic_loss(
+    student_map: Tensor,
+    teacher_map: Tensor,
+    transform: nn.Module,
+    *,
+    valid_hw: Sequence[tuple[int, int]] | None = None,
+) -> Tensor:
+    """Whole-map L2 (FitNets-style baseline): ``1/(2N) Σ_n ‖U_n − r(V_n)‖² / m_n`` over each image's valid area.
+
+    N images, ``m_n = Ct·h_n·w_n``. Maps as in :func:`roi_mimic_loss`; no gradient reaches the teacher map.
+    """
+    weight, bias = _check_maps(student_map, teacher_map, transform)
+    n, _, h, w = student_map.shape
+    sizes = _check_valid_hw(valid_hw, n, h, w)
+    teacher = teacher_map.detach()
+    mapped = F.conv2d(student_map, weight[:, :, None, None], bias)
+    if valid_hw is None:
+        return 0.5 * F.mse_loss(mapped, teacher.to(mapped.dtype))
+    terms = [
+        F.mse_loss(mapped[k, :, :vh, :vw], teacher[k, :, :vh, :vw].to(mapped.dtype)) for k, (vh, vw) in enumerate(sizes)
+    ]
+    return 0.5 * torch.stack(terms).mean()
+
+
+def logits_mimic_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_deltas: Tensor | None = None,
+    teacher_deltas: Tensor | None = None,
+    *,
+    delta_weight: float = 1.0,
+) -> Tensor:
+    """Two-stage mimic: L2 between head outputs on the same R proposals.
+
+    ``1/(2R) Σ_i ‖s_i − t_i‖²/K`` for class logits ``Tensor[R, K]``, plus ``delta_weight`` times the same with
+    ``m = 4K`` for box deltas ``Tensor[R, 4K]`` when both are given. Teacher outputs are targets (detached,
+    fp16 accepted). R = 0 gives 0.
+    """
+    terms = [("logits", student_logits, teacher_logits, 1.0)]
+    if (student_deltas is None) != (teacher_deltas is None):
+        raise ValueError("student_deltas and teacher_deltas must be given together or not at all")
+    if student_deltas is not None:
+        terms.append(("deltas", student_deltas, teacher_deltas, float(delta_weight)))
+    loss = student_logits.new_zeros(())
+    for name, s, t, scale in terms:
+        if s.dim() != 2 or s.shape != t.shape:
+            raise ValueError(
+                f"student and teacher {name} must be Tensor[R, M] of the same shape, got {tuple(s.shape)} and "
+                f"{tuple(t.shape)}"
+            )
+        if s.shape[0] == 0:
+            loss = loss + (s * 0).sum()
+            continue
+        loss = loss + scale * 0.5 * F.mse_loss(s, t.detach().to(s.dtype))
+    return loss
+
+
+def sample_regions(
+    proposals: Tensor,
+    scores: Tensor,
+    gt_boxes: Tensor | None = None,
+    *,
+    num: int = 128,
+    min_size: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mimic regions from the teacher's stored proposals -> ``Tensor[R, 4]`` float32 x1y1x2y2 px.
+
+    Boxes that are not finite or narrower/shorter than ``min_size`` pixels are dropped first. Without a
+    ``generator`` the ``num`` top-scoring proposals are taken (ties keep store order); with one, ``num`` drawn
+    uniformly without replacement from the ``2·num`` top-scoring (variety across epochs, still confident
+    regions), returned best first. The usable ``gt_boxes`` (``Tensor[G, 4]``) are appended, beyond ``num``.
+    """
+    boxes = torch.as_tensor(proposals, dtype=torch.float32)
+    score = torch.as_tensor(scores, dtype=torch.float32, device=boxes.device)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"proposals must be float32[K, 4] x1y1x2y2 pixels, got shape {tuple(boxes.shape)}")
+    if score.shape != boxes.shape[:1]:
+        raise ValueError(f"scores must be [K] with K = {boxes.shape[0]} proposals, got shape {tuple(score.shape)}")
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+
+    def usable(b: Tensor) -> Tensor:
+        wh = b[:, 2:] - b[:, :2]
+        return torch.isfinite(b).all(1) & (wh >= min_size).all(1)
+
+    keep = usable(boxes) & torch.isfinite(score)
+    boxes, score = boxes[keep], score[keep]
+    order = torch.sort(score, descending=True, stable=True).indices
+    if generator is None:
+        picked = order[:num]
+    else:
+        pool = order[: 2 * num]
+        draw = torch.randperm(len(pool), generator=generator, device=generator.device)[:num].to(pool.device)
+        picked = pool[draw.sort().values]
+    regions = boxes[picked]
+    if gt_boxes is not None:
+        gt = torch.as_tensor(gt_boxes, dtype=torch.float32, device=boxes.device).reshape(-1, 4)
+        regions = torch.cat([regions, gt[usable(gt)]])
+    return regions
+
+
+__all__ = [
+    "SAMPLERS",
+    "MimicConfig",
+    "MimicTransform",
+    "RoIMimic",
+    "Sampler",
+    "Upsample2x",
+    "logits_mimic_loss",
+    "map_mimic_loss",
+    "native_crops",
+    "roi_mimic_loss",
+    "roi_mimic_loss_reference",
+    "sample_regions",
+]
