@@ -63,20 +63,26 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
 
 @main.command("demo")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A VOC dataset to use instead of the built-in one.")
+              help="A VOC dataset (train/test splits, optional pool) instead of the built-in one.")
+@click.option("--quick", "mode", flag_value="quick", help="Smoke run of every stage (a few minutes).")
+@click.option("--study", "mode", flag_value="study",
+              help="Full study: three settings, scratch/RoI/map/scale mimic, widths 1/4 and 1/2, two seeds (hours).")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run folder; the built-in dataset goes to OUT/data.")
-def demo(data, out) -> None:
-    """End-to-end demo on the built-in dataset (for now: make and summarise the data)."""
+              help="Run folder; every stage resumes from what is already there.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
+def demo(data, mode, out, device, workers) -> None:
+    """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
+
+    Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
+    stage 2 with two-stage mimic) with limited labels plus an unlabelled pool. Writes OUT/report.json and
+    OUT/plots/*.png and prints the table."""
     from pathlib import Path
 
-    from data.summary import describe_voc
-    from data.synthetic import SyntheticConfig, ensure_dataset
+    from pipeline.demo import DemoConfig, run_demo
 
-    if data is not None:
-        click.echo(describe_voc(Path(data)))
-    else:
-        ensure_dataset(SyntheticConfig(out=Path(out) / "data"), echo=click.echo)
+    run_demo(DemoConfig(out=Path(out), data=Path(data) if data else None, mode=mode or "default", device=device,
+                        workers=workers), echo=click.echo)
 # --- end make-data / demo ---
 
 # --- inspect-store / verify-store (feature store) ---
@@ -341,6 +347,39 @@ def evaluate_command(model_path, data, split, metrics, out, plots, max_images, b
         raise click.BadParameter(str(e), param_hint="--metrics") from None
     run_evaluate(config)
 # --- end train-teacher / evaluate ---
+
+# --- export (deployable detectors) ---
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="File format.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write; FILE.json gets the sidecar.")
+@click.option("--height", default=None, type=click.IntRange(min=1),
+              help="Input height, px [default: the checkpoint's shorter side at its input scale, padded].")
+@click.option("--width", default=None, type=click.IntRange(min=1),
+              help="Input width, px [default: the same side as --height's default].")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(16, 20), help="ONNX opset.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the written file on two seeded inputs and compare with PyTorch before keeping it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing FILE and FILE.json.")
+def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite) -> None:
+    """Export a detector checkpoint (teacher or student) as ONNX or TorchScript for one fixed input size.
+
+    \b
+    The file holds all of predict() for one image [1,3,H,W] (normalised, zero-padded right/bottom), including
+    RPN NMS, RoIAlign / PS-RoIAlign and class-wise NMS. Outputs: boxes [D,4], scores [D], labels [D] (int64),
+    proposals [R,4], proposal_scores [R]; boxes in input pixels (head "none": detections = proposals).
+    Left to the caller: resize + normalise + pad the image (detection.export.prepare_input) and map boxes back to
+    original pixels (detection.export.postprocess). Scale-mimic students take half-size input (see FILE.json)."""
+    from pathlib import Path
+
+    from detection.export import ExportConfig, run_export
+
+    s = run_export(ExportConfig(checkpoint=Path(checkpoint), format=fmt, out=Path(out), height=height, width=width,
+                                opset=opset, verify=verify, overwrite=overwrite))
+    checked = "not verified" if s["verified_max_abs_diff"] is None else f"max |diff| vs PyTorch {s['verified_max_abs_diff']:.2g}"
+    click.echo(f"wrote {s['format']} ({s['head']} head, input {'x'.join(map(str, s['input_shape']))}, "
+               f"{s['bytes'] / 1e6:.1f} MB, {checked}) -> {s['out']} + {s['sidecar']}")
+# --- end export ---
 
 # --- end of commands ---
 

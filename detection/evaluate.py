@@ -159,6 +159,7 @@ def evaluate_model(
     profile: bool = False,
     progress: bool | None = None,
     name: str = "model",
+    keep_hits: bool = False,
 ) -> dict[str, Any]:
     """Runs ``model.predict`` over the labelled images of ``dataset`` and scores it.
 
@@ -166,6 +167,7 @@ def evaluate_model(
     numbers, "dataset", "model", "input", "timing", "plots": [paths], "notes", "profile" (with ``profile``:
     parameters, GFLOPs, ms/image at the typical input size; a few seconds)}``.
     ``meta`` is the checkpoint's meta (``classes``, ``preprocess``, optional ``input_scale``).
+    ``keep_hits`` adds ``recall["hits"]``: per test box, whether the top-300 proposals recall it at IoU 0.5 / 0.7.
     """
     from detection.device import select_device
 
@@ -203,6 +205,12 @@ def evaluate_model(
     finally:
         model.train(was_training)
     results = {m: ev.evaluate() for m, ev in evaluators.items()}
+    if keep_hits and "recall" in evaluators:
+        # Per test box, recalled or not (fixed box order): what a paired significance test between two models needs.
+        ev = evaluators["recall"]
+        results["recall"]["hits"] = {
+            f"top{n}_iou{t}": ev.per_box_hits(top_n=n, iou_threshold=t).tolist() for n in (300,) for t in (0.5, 0.7)
+        }
 
     report: dict[str, Any] = {
         **results,

@@ -30,9 +30,9 @@ Cost. The plain form (:func:`roi_mimic_loss_reference`) pools two Ct-channel map
 backward dominates a small student's step. :func:`roi_mimic_loss` computes the same number from linear algebra:
 
 - roialign, small maps: RoIAlign is separable (``P_i X = A^y_i X A^x_iᵀ`` per channel), so
-  ``Σ_i ‖P_i D‖² = ⟨D, D·K⟩`` with ``D = U − r(V)`` (``Tensor[N, Ct, HW]``) and
+  ``Σ_i ‖P_i D‖² = ⟨D, K·D⟩`` with ``D = U − r(V)`` (``Tensor[N, HW, Ct]``, one GEMM) and
   ``K_n = Σ_i (A^y_iᵀA^y_i) ⊗ (A^x_iᵀA^x_i)`` (``HW × HW``, no gradient). One batched matmul forward; the
-  gradient ``2·D·K`` is the product already formed. Cost ``∝ Ct·(HW)²`` per image.
+  gradient ``2·K·D`` is the product already formed. Cost ``∝ Ct·(HW)²`` per image.
 - roialign, large maps (``(HW)²`` beyond a few regions' worth of bins): pool-then-transform. ``roi_align`` of the
   student (Cs channels, not Ct) and of the teacher (no gradient), then ``r`` on the pooled bins, with the
   bias scaled by the pooled ones-map (the in-map fraction of each bin's samples).
@@ -339,21 +339,33 @@ def _axis_weights(
 
 
 class _SymmetricQuadraticForm(torch.autograd.Function):
-    """``Σ_n ⟨D_n, D_n K_n⟩`` for symmetric ``K`` (``D: Tensor[N, C, M]``, ``K: Tensor[N, M, M]``, no grad to K).
+    """``Σ_n ⟨D_n, K_n D_n⟩`` for symmetric ``K`` (``D: Tensor[N, M, C]``, ``K: Tensor[N, M, M]``, no grad to K).
 
-    The gradient ``2·D·K`` is the product the forward already formed, so it is kept instead of recomputed.
+    The gradient ``2·K·D`` is the product the forward already formed, so it is kept instead of recomputed.
     """
 
     @staticmethod
     def forward(ctx, d: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
-        dk = torch.bmm(d, k)
-        ctx.save_for_backward(dk)
-        return torch.einsum("ncm,ncm->", d, dk)
+        kd = torch.bmm(k, d)
+        ctx.save_for_backward(kd)
+        return torch.dot(d.flatten(), kd.flatten())
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (dk,) = ctx.saved_tensors
-        return 2.0 * grad * dk, None
+        (kd,) = ctx.saved_tensors
+        return kd * (2.0 * grad), None
+
+
+def _channels_last_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Tensor[N, C, H, W] -> Tensor[N·H·W, C]`` (one copy, cast included; rows ordered n, y, x)."""
+    return x.to(dtype=dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _residual_rows(student_map: Tensor, teacher_map: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``r(V) − U`` (the loss is even in it) on every cell as ``Tensor[N·H·W, Ct]``: one GEMM, U and b fused in."""
+    target = _channels_last_rows(teacher_map, student_map.dtype)
+    offset = target.neg() if bias is None else bias - target
+    return torch.addmm(offset, _channels_last_rows(student_map, student_map.dtype), weight.t())
 
 
 def _roi_weights(
@@ -375,23 +387,21 @@ def _roialign_kernel(
     sizes: list[tuple[int, int]], *, spatial_scale: float, output_size: tuple[int, int], sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    """``Σ_i ‖P_i(U − r(V))‖²`` (sum over regions, bins and channels) as ``Σ_n ⟨D_n, D_n K_n⟩``."""
+    """``Σ_i ‖P_i(U − r(V))‖²`` (sum over regions, bins and channels) as ``Σ_n ⟨D_n, K_n D_n⟩``."""
     n, _, h, w = student_map.shape
     ay, ax = _roi_weights(
         rois, sizes, h, w, spatial_scale=spatial_scale, output_size=output_size,
         sampling_ratio=sampling_ratio, aligned=aligned,
     )
     # B^y_i = A^yᵀA^y (H×H), B^x_i (W×W); K_n = Σ_i B^y_i ⊗ B^x_i, laid out over cells (y, x).
-    by = torch.einsum("rph,rpk->rhk", ay, ay).flatten(1)
-    bx = torch.einsum("rpw,rpv->rwv", ax, ax).flatten(1)
+    by = torch.bmm(ay.transpose(1, 2), ay).flatten(1)
+    bx = torch.bmm(ax.transpose(1, 2), ax).flatten(1)
     kernels = []
     for by_n, bx_n in zip(by.split([len(r) for r in rois]), bx.split([len(r) for r in rois])):
         k = (by_n.t() @ bx_n).view(h, h, w, w).permute(0, 2, 1, 3).reshape(h * w, h * w)
-        kernels.append((k + k.t()) * 0.5)  # exactly symmetric, so the saved 2·D·K is the exact gradient
+        kernels.append((k + k.t()) * 0.5)  # exactly symmetric, so the saved 2·K·D is the exact gradient
     kernel = torch.stack(kernels)
-    d = teacher_map.flatten(2) - torch.matmul(weight, student_map.flatten(2))  # fp16 teacher promotes here
-    if bias is not None:
-        d = d - bias[:, None]
+    d = _residual_rows(student_map, teacher_map, weight, bias).view(n, h * w, -1)
     return _SymmetricQuadraticForm.apply(d, kernel)
 
 
@@ -461,10 +471,10 @@ def _native_weighted(
     cell_weight = _native_weights(rois, sizes, h, w, spatial_scale=spatial_scale, aligned=aligned)
     image, ys, xs = torch.nonzero(cell_weight, as_tuple=True)
     v = student_map[image, :, ys, xs]  # [M, Cs]
-    u = teacher_map[image, :, ys, xs].to(student_map.dtype)  # [M, Ct]; fp16 store maps cast here, once
-    pred = v @ weight.t() if bias is None else torch.addmm(bias, v, weight.t())
-    per_cell = (u - pred).square().sum(1)
-    return (per_cell * cell_weight[image, ys, xs].to(per_cell.dtype)).sum()
+    target = teacher_map[image, :, ys, xs].to(student_map.dtype)  # [M, Ct]; fp16 store maps cast here, once
+    offset = target.neg() if bias is None else bias - target
+    per_cell = torch.addmm(offset, v, weight.t()).square().sum(1)  # ‖r(V) − U‖² per cell
+    return torch.dot(per_cell, cell_weight[image, ys, xs].to(per_cell.dtype))
 
 
 def _use_kernel(h: int, w: int, rois_per_image: float, bins: int, student_channels: int) -> bool:

@@ -90,6 +90,7 @@ class StudentConfig:
     log_every: int = 20
     eval_every: int = 0
     eval_split: str | None = None
+    eval_max_images: int | None = None
     overwrite: bool = False
     progress: bool = True
     storage_options: dict = field(default_factory=dict)
@@ -252,7 +253,8 @@ def check_out_dir(cfg: StudentConfig) -> None:
             shutil.rmtree(cfg.out)
         else:
             theirs = json.loads(cfg_path.read_text())
-            keys = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every")
+            keys = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every",
+                    "eval_every", "eval_max_images")
             diff = {k for k in set(mine) | set(theirs) if k not in keys and mine.get(k) != theirs.get(k)}
             if diff:
                 raise FileExistsError(
@@ -380,7 +382,8 @@ def _recall_eval(cfg: StudentConfig, meta: dict):
 
     def fn(model: nn.Module, iteration: int) -> dict:
         det = model.detector if hasattr(model, "detector") else model.module.detector
-        report = evaluate_model(det, meta, eval_set, metrics=("recall",), progress=False)
+        report = evaluate_model(det, meta, eval_set, metrics=("recall",), progress=False,
+                                max_images=cfg.eval_max_images)
         return {k: v for k, v in report.get("recall", {}).items() if isinstance(v, (int, float))}
 
     return fn

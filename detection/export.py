@@ -1,0 +1,470 @@
+"""Export a detector checkpoint for deployment (``mimic export``): ONNX or TorchScript, plus a JSON sidecar.
+
+What is exported is the whole of :meth:`detection.detector.Detector.predict` for ONE image of a FIXED input size
+``H x W`` whose valid area is the whole input (``image_sizes = [(H, W)]``), post-processing included:
+RPN decoding, clipping, top-N and NMS; RoIAlign (Fast R-CNN) or position-sensitive RoIAlign (R-FCN); softmax,
+class-specific decoding, score threshold and class-wise NMS. Shapes::
+
+    images           float32[1, 3, H, W]  normalised with the checkpoint's preprocess, zero-padded right/bottom
+    boxes            float32[D, 4]        detections, x1y1x2y2 in input pixels, best first
+    scores           float32[D]
+    labels           int64[D]             1..K-1 (label k+1 <-> classes[k]); all 1 with head "none"
+    proposals        float32[R, 4]        the RPN's proposals, input pixels, by objectness
+    proposal_scores  float32[R]           objectness (sigmoid)
+
+With head ``"none"`` (stage-1 student) the detections are the proposals (as in ``predict``). ``D`` and ``R``
+vary per image. ``H x W`` is the input after the checkpoint's resize at its ``input_scale`` (0.5 for a
+scale-mimic student) and padding; boxes are in those input pixels.
+
+What remains for the caller (see :func:`prepare_input` and :func:`postprocess`): resize and normalise the image,
+zero-pad it to ``H x W``, and map boxes back to original image pixels (divide by the resize factor, clip to
+the image). An image smaller than ``H x W`` is padded; its boxes may reach into the padding until
+:func:`postprocess` clips them, and the RPN clips its proposals to ``H x W`` rather than to the image (``predict``
+given the image's own size clips before NMS, so the two can differ near the right and bottom edges).
+
+ONNX goes through ``torch.onnx.export(dynamo=False)`` (trace) with torchvision's symbolics for ``roi_align`` and
+``nms``; ``ps_roi_align`` has none, so :func:`_ps_roi_align_symbolic` adds one: every (region, bin) pair
+becomes a sub-box pooled to ``1 x 1`` from the channel group of its bin, which samples exactly the points
+``ps_roi_align`` samples. TorchScript is ``torch.jit.trace`` of the same module (load it after
+``import torchvision``, which registers the ops). Each file is checked against PyTorch on two seeded inputs
+before it is renamed into place (:func:`match_outputs`: same counts, every row matched within ``atol``,
+ties in any order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.onnx.symbolic_helper import parse_args
+
+from data.errors import DataError
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("boxes", "scores", "labels", "proposals", "proposal_scores")
+MIN_OPSET = 16  # RoiAlign's coordinate_transformation_mode (ps_roi_align samples half-pixel-aligned)
+MAX_OPSET = 20  # highest opset of torch.onnx's TorchScript-based exporter
+REMAINING_POSTPROCESS = (
+    "Boxes are in input pixels of the padded H x W input: divide x by the resize factor out_width/orig_width and "
+    "y by out_height/orig_height (detection.export.postprocess with data.transforms.PrepParams), then clip to the "
+    "original image. Everything else (RPN NMS, RoIAlign, softmax, class-wise NMS, score threshold, top detections) "
+    "is inside the exported graph."
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    checkpoint: Path
+    format: str  # "onnx" | "torchscript"
+    out: Path
+    height: int | None = None  # None: the checkpoint's shorter side at its input_scale, padded (a square input)
+    width: int | None = None
+    opset: int = 17
+    verify: bool = True  # compare the written file with PyTorch before renaming it into place
+    atol: float = 1e-3  # pixels for boxes, probability for scores
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"export {name} must be a positive number of pixels, got {v!r}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ValueError(f"ONNX opset must be in {MIN_OPSET}..{MAX_OPSET}, got {self.opset}")
+        if not self.atol > 0:
+            raise ValueError(f"atol must be > 0, got {self.atol}")
+
+
+class DeployedDetector(nn.Module):
+    """``Detector.predict`` on one image with the whole input as its valid area, as a tuple of tensors
+    (:data:`OUTPUT_NAMES`), which is what tracing and ONNX need."""
+
+    def __init__(self, model: nn.Module, *, height: int, width: int) -> None:
+        super().__init__()
+        self.model = model
+        self.height, self.width = int(height), int(width)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        det = self.model.predict(images, [(self.height, self.width)])[0]
+        if self.model.head is None:
+            # predict makes these labels with torch.ones(len(p)), a length a trace would freeze; same values.
+            det["labels"] = torch.ones_like(det["scores"], dtype=torch.int64)
+        return tuple(det[name] for name in OUTPUT_NAMES)  # type: ignore[return-value]
+
+
+# --- ONNX symbolic for torchvision's ps_roi_align ------------------------------------------------------------
+@parse_args("v", "v", "f", "i", "i", "i")
+def _ps_roi_align_symbolic(g, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):  # noqa: ANN001
+    """ONNX graph of ``torchvision.ops.ps_roi_align`` (output ``[R, C, ph, pw]`` from ``[N, C·ph·pw, h, w]``).
+
+    Bin ``b = i·pw + j`` of region ``r`` reads input channels ``c·ph·pw + b``. The map is regrouped into
+    ``N·ph·pw`` images of ``C`` channels (image ``n·ph·pw + b`` holds bin ``b``'s channels of image ``n``), each
+    bin becomes its own sub-box ``x1 + j·bw .. x1 + (j+1)·bw`` (``bw = (x2 - x1) / pw``, likewise in y), and ONNX
+    ``RoiAlign`` pools each sub-box to ``1 x 1`` with the same sampling ratio and half-pixel offset: the same
+    sample points as ``ps_roi_align``, with no k² redundant pooling.
+    """
+    ph, pw, ratio = pooled_height, pooled_width, max(sampling_ratio, 0)  # torchvision: <= 0 is adaptive, ONNX: 0
+    bins = ph * pw
+
+    def const(values: Any, dtype: torch.dtype = torch.int64):  # noqa: ANN202
+        return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
+
+    def part(t, start: int, end: int, axis: int = 0):  # noqa: ANN001, ANN202
+        return g.op("Slice", t, const([start]), const([end]), const([axis]))
+
+    shape = g.op("Shape", input)
+    x = g.op("Reshape", input, g.op("Concat", part(shape, 0, 1), const([-1, bins]), part(shape, 2, 4), axis_i=0))
+    x = g.op("Transpose", x, perm_i=[0, 2, 1, 3, 4])  # [N, bins, C, h, w]
+    x = g.op("Reshape", x, g.op("Concat", const([-1]), part(g.op("Shape", x), 2, 5), axis_i=0))
+
+    rois = g.op("Cast", rois, to_i=torch.onnx.TensorProtoDataType.FLOAT)
+    x1, y1, x2, y2 = (part(rois, k, k + 1, axis=1) for k in range(1, 5))  # each [R, 1]
+    bw = g.op("Div", g.op("Sub", x2, x1), const(float(pw), torch.float32))
+    bh = g.op("Div", g.op("Sub", y2, y1), const(float(ph), torch.float32))
+    jj = torch.arange(pw, dtype=torch.float32).repeat(ph)[None]  # [1, bins]: column of each bin
+    ii = torch.arange(ph, dtype=torch.float32).repeat_interleave(pw)[None]  # row of each bin
+    edges = [
+        g.op("Add", x1, g.op("Mul", bw, const(jj.tolist(), torch.float32))),
+        g.op("Add", y1, g.op("Mul", bh, const(ii.tolist(), torch.float32))),
+        g.op("Add", x1, g.op("Mul", bw, const((jj + 1).tolist(), torch.float32))),
+        g.op("Add", y1, g.op("Mul", bh, const((ii + 1).tolist(), torch.float32))),
+    ]  # each [R, bins]
+    edges = [g.op("Unsqueeze", e, const([2])) for e in edges]
+    boxes = g.op("Reshape", g.op("Concat", *edges, axis_i=2), const([-1, 4]))  # [R·bins, 4]
+    image = g.op("Cast", part(rois, 0, 1, axis=1), to_i=torch.onnx.TensorProtoDataType.INT64)  # [R, 1]
+    batch = g.op("Add", g.op("Mul", image, const(bins)), const([list(range(bins))]))  # [R, bins]
+    batch = g.op("Reshape", batch, const([-1]))
+
+    pooled = g.op(
+        "RoiAlign", x, boxes, batch,
+        coordinate_transformation_mode_s="half_pixel",  # ps_roi_align subtracts half a cell, like aligned=True
+        mode_s="avg", output_height_i=1, output_width_i=1, sampling_ratio_i=ratio, spatial_scale_f=spatial_scale,
+    )  # fmt: skip
+    out = g.op("Reshape", pooled, g.op("Concat", const([-1, ph, pw]), part(g.op("Shape", pooled), 1, 2), axis_i=0))
+    out = g.op("Transpose", out, perm_i=[0, 3, 1, 2])
+    return out, None  # ps_roi_align's second output (channel mapping) is used only for its backward
+
+
+def _register_symbolics() -> None:
+    import torchvision  # noqa: F401  (registers roi_align and nms symbolics)
+
+    # Registered at the lowest opset it needs, it serves every opset above too.
+    torch.onnx.register_custom_op_symbolic("torchvision::ps_roi_align", _ps_roi_align_symbolic, MIN_OPSET)
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence tracing's warnings about shapes read as Python ints (with a fixed input size they are constants on
+    purpose) and the deprecation notices of the TorchScript-based exporter, ``jit.save`` and ``jit.load``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        yield
+
+
+def example_input(height: int, width: int, *, seed: int = 0) -> Tensor:
+    """A seeded ``float32[1, 3, H, W]`` normalised-looking input (unit Gaussian noise)."""
+    return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def export_onnx(model: nn.Module, path: Path, *, height: int, width: int, opset: int = 17) -> None:
+    """Write ``DeployedDetector(model)`` for ``1 x 3 x height x width`` inputs to ``path`` as ONNX."""
+    _register_symbolics()
+    module = DeployedDetector(model, height=height, width=width).eval()
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            module, (example_input(height, width),), str(path), opset_version=opset, dynamo=False,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+        )  # fmt: skip
+
+
+def export_torchscript(model: nn.Module, path: Path, *, height: int, width: int) -> None:
+    """Write ``torch.jit.trace(DeployedDetector(model))`` for ``1 x 3 x height x width`` inputs to ``path``."""
+    module = DeployedDetector(model, height=height, width=width).eval()
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(module, (example_input(height, width),), check_trace=False)
+        torch.jit.save(traced, str(path))
+
+
+def onnx_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """``images float32[1,3,H,W] -> {name: array}`` with onnxruntime on CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # an optional dependency: pip install mimicdet[export]
+        raise DataError("running an ONNX export needs onnxruntime (pip install 'mimicdet[export]')") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3  # warnings about unused initialisers are noise here
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda images: dict(zip(names, session.run(None, {INPUT_NAME: np.asarray(images, np.float32)})))
+
+
+def torchscript_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """``images float32[1,3,H,W] -> {name: array}`` with the TorchScript file loaded back."""
+    import torchvision  # noqa: F401  (registers the torchvision:: ops the file calls)
+
+    with _quiet():
+        module = torch.jit.load(str(path), map_location="cpu")
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = module(torch.as_tensor(np.asarray(images, np.float32)))
+        return {name: t.numpy() for name, t in zip(OUTPUT_NAMES, out)}
+
+    return run
+
+
+def reference_outputs(model: nn.Module, images: Tensor) -> dict[str, np.ndarray]:
+    """PyTorch's ``predict`` on ``images [1,3,H,W]`` with the whole input valid, as numpy arrays."""
+    det = model.predict(images, [tuple(images.shape[-2:])])[0]
+    return {name: det[name].numpy() for name in OUTPUT_NAMES}
+
+
+def match_outputs(expected: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: float) -> float:
+    """Largest difference between two sets of outputs, matched row by row regardless of order among ties.
+
+    Detections (``boxes, scores, labels``) and proposals (``proposals, proposal_scores``) must come in the same
+    numbers; each expected row is paired with the closest unpaired row of the same label whose score lies
+    within ``atol`` (equal scores may come in either order). Raises ``ValueError`` naming the output when a
+    count differs or a row has no partner within ``atol``; returns the largest box or score difference."""
+    for name in OUTPUT_NAMES:
+        if name not in got:
+            raise ValueError(f"exported outputs lack {name!r} (got {sorted(got)})")
+    worst = 0.0
+    for boxes, scores, labels in (("boxes", "scores", "labels"), ("proposals", "proposal_scores", None)):
+        eb, gb = np.asarray(expected[boxes], np.float64), np.asarray(got[boxes], np.float64)
+        es, gs = np.asarray(expected[scores], np.float64), np.asarray(got[scores], np.float64)
+        el = np.asarray(expected[labels]) if labels else np.zeros(len(es), np.int64)
+        gl = np.asarray(got[labels]) if labels else np.zeros(len(gs), np.int64)
+        if gb.shape[1:] != (4,):
+            raise ValueError(f"{boxes}: exported shape {list(gb.shape)}, expected [rows, 4]")
+        for name, arr in ((boxes, gb), (scores, gs), (labels, gl)):
+            if arr.shape[:1] != eb.shape[:1]:
+                raise ValueError(f"{name or boxes}: exported gives {arr.shape[0]} rows, PyTorch {eb.shape[0]}")
+        free = np.ones(len(gb), bool)
+        for i in range(len(eb)):
+            cand = np.nonzero(free & (gl == el[i]) & (np.abs(gs - es[i]) <= atol))[0]
+            if not len(cand):
+                raise ValueError(f"{boxes}[{i}] (label {el[i]}, score {es[i]:.6f}): no exported row within {atol}")
+            dist = np.abs(gb[cand] - eb[i]).max(axis=1)
+            k = cand[int(dist.argmin())]
+            if dist.min() > atol:
+                raise ValueError(
+                    f"{boxes}[{i}] = {eb[i].round(3).tolist()}: closest exported box "
+                    f"{gb[k].round(3).tolist()} differs by {dist.min():.3g} > {atol}"
+                )
+            free[k] = False
+            worst = max(worst, float(dist.min()), float(abs(gs[k] - es[i])))
+    return worst
+
+
+# --- deployment helpers ---------------------------------------------------------------------------------------
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of an exported file (``FILE.json`` next to ``FILE``)."""
+    side = Path(f"{path}.json")
+    if not side.is_file():
+        raise FileNotFoundError(f"export sidecar not found: {side}")
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{side}: not JSON ({e})") from None
+
+
+def prepare_input(image: np.ndarray, sidecar: dict[str, Any]) -> tuple[np.ndarray, Any]:
+    """``uint8[h, w, 3]`` RGB -> ``(float32[1, 3, H, W], PrepParams)``: the checkpoint's resize at its
+    ``input_scale``, normalisation, then zero padding right/bottom to the exported ``H x W``."""
+    from data.transforms import Preprocess, prepare
+
+    pre = Preprocess.from_dict(sidecar["preprocess"])
+    _, _, H, W = sidecar["input"]["shape"]
+    tensor, _, params = prepare(image, np.zeros((0, 4), np.float32), pre, flip=False, scale=sidecar["input_scale"])
+    h, w = tensor.shape[-2:]
+    if h > H or w > W:
+        raise ValueError(
+            f"image of {image.shape[1]}x{image.shape[0]} px becomes a {w}x{h} input, larger than the exported "
+            f"{W}x{H}; export with --width/--height of at least {w}/{h}"
+        )
+    out = np.zeros((1, 3, H, W), np.float32)
+    out[0, :, :h, :w] = tensor.numpy()
+    return out, params
+
+
+def postprocess(outputs: dict[str, np.ndarray], params: Any) -> dict[str, np.ndarray]:
+    """Exported outputs in input pixels -> the same in ORIGINAL image pixels, clipped to the image.
+
+    ``params`` is the image's :class:`data.transforms.PrepParams` (from :func:`prepare_input`). Boxes whose
+    clipped area is empty (they lay wholly in the padding) are dropped with their scores and labels."""
+    result = dict(outputs)
+    for boxes, rest in (("boxes", ("scores", "labels")), ("proposals", ("proposal_scores",))):
+        b = params.unmap_boxes(np.asarray(outputs[boxes], np.float32))
+        b[:, 0::2] = b[:, 0::2].clip(0, params.orig_width)
+        b[:, 1::2] = b[:, 1::2].clip(0, params.orig_height)
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        result[boxes] = b[keep]
+        for name in rest:
+            result[name] = np.asarray(outputs[name])[keep]
+    return result
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+def default_input_size(meta: dict[str, Any]) -> tuple[int, int]:
+    """A square of the preprocess's shorter side at the checkpoint's ``input_scale``, rounded up to its padding
+    multiple (``size_divisor·input_scale``), as the data loader pads."""
+    from detection.evaluate import _preprocess_and_scale
+
+    pre, scale = _preprocess_and_scale(meta)
+    side = math.ceil(pre.min_size * scale - 1e-9)
+    div = max(1, round(pre.size_divisor * scale))
+    side = -(-side // div) * div
+    return side, side
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    from detection.evaluate import _preprocess_and_scale
+
+    pre, scale = _preprocess_and_scale(meta)
+    head = model.config.head
+    return {
+        "format": cfg.format,
+        "file": cfg.out.name,
+        "opset": cfg.opset if cfg.format == "onnx" else None,
+        "checkpoint": str(cfg.checkpoint),
+        "checkpoint_sha256": _sha256(cfg.checkpoint),
+        "classes": list(meta.get("classes", [])),
+        "preprocess": pre.to_dict(),
+        "input_scale": scale,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [1, 3, height, width],
+            "dtype": "float32",
+            "layout": "NCHW RGB, (pixel/255 - mean)/std, zero-padded right/bottom; the whole input is the valid area",
+        },
+        "outputs": [
+            {"name": "boxes", "shape": ["D", 4], "dtype": "float32", "meaning": "detections x1y1x2y2, input pixels"},
+            {"name": "scores", "shape": ["D"], "dtype": "float32", "meaning": "class probability"},
+            {"name": "labels", "shape": ["D"], "dtype": "int64", "meaning": "label k+1 is classes[k]"},
+            {"name": "proposals", "shape": ["R", 4], "dtype": "float32", "meaning": "RPN proposals, input pixels"},
+            {"name": "proposal_scores", "shape": ["R"], "dtype": "float32", "meaning": "objectness (sigmoid)"},
+        ],
+        "head": head,
+        "detections_are_proposals": head == "none",
+        "detector_config": model.config.to_dict(),
+        "postprocess_in_graph": True,
+        "postprocess_remaining": REMAINING_POSTPROCESS,
+        "runtime": "onnxruntime" if cfg.format == "onnx" else "torch.jit.load after `import torchvision`",
+    }
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary name in ``path``'s folder and return it (the caller renames it)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def run_export(cfg: ExportConfig) -> dict[str, Any]:
+    """Load ``cfg.checkpoint``, export it to ``cfg.out`` (+ ``cfg.out.json``), verify, and return a summary.
+
+    Nothing is left at ``cfg.out`` unless every step succeeded: the files are written under temporary names
+    in the same folder and renamed into place at the end."""
+    from detection.detector import load_detector
+
+    out = Path(cfg.out)
+    side_path = Path(f"{out}.json")
+    if not cfg.overwrite:
+        for p in (out, side_path):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {out.parent}")
+    model, meta = load_detector(cfg.checkpoint)
+    model.eval()
+    height, width = default_input_size(meta)
+    height, width = cfg.height or height, cfg.width or width
+    sidecar = _sidecar(cfg, model, meta, height, width)
+
+    if cfg.format == "onnx":
+        tmp = _write_atomically(out, lambda p: export_onnx(model, p, height=height, width=width, opset=cfg.opset))
+        runner = onnx_runner
+    else:
+        tmp = _write_atomically(out, lambda p: export_torchscript(model, p, height=height, width=width))
+        runner = torchscript_runner
+    try:
+        if cfg.verify:
+            run = runner(tmp)
+            worst = 0.0
+            for seed in (0, 1):  # seed 0 is the traced example; seed 1 catches values frozen into the trace
+                x = example_input(height, width, seed=seed)
+                try:
+                    worst = max(worst, match_outputs(reference_outputs(model, x), run(x.numpy()), atol=cfg.atol))
+                except ValueError as e:
+                    raise ValueError(
+                        f"exported {cfg.format} file does not reproduce PyTorch on test input {seed}: {e}; "
+                        f"nothing was written (--no-verify keeps it anyway)"
+                    ) from None
+            sidecar["verified_max_abs_diff"] = worst
+        tmp_side = _write_atomically(side_path, lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    os.replace(tmp_side, side_path)
+    return {
+        "out": str(out),
+        "sidecar": str(side_path),
+        "format": cfg.format,
+        "input_shape": [1, 3, height, width],
+        "head": model.config.head,
+        "bytes": out.stat().st_size,
+        "verified_max_abs_diff": sidecar.get("verified_max_abs_diff"),
+    }
+
+
+__all__ = [
+    "FORMATS",
+    "OUTPUT_NAMES",
+    "ExportConfig",
+    "DeployedDetector",
+    "export_onnx",
+    "export_torchscript",
+    "onnx_runner",
+    "torchscript_runner",
+    "reference_outputs",
+    "match_outputs",
+    "read_sidecar",
+    "prepare_input",
+    "postprocess",
+    "default_input_size",
+    "run_export",
+]

@@ -1,0 +1,377 @@
+"""`mimic demo`: the paper's comparison end to end, on the built-in dataset or a VOC folder.
+
+Protocol (where the teacher's extra knowledge comes from): the teacher trains on a large pool of images (it
+stands for the well-trained model a user already has); students get a small labelled set. Settings:
+
+- ``same-data``: teacher and students see the same labelled set;
+- ``limited``: students see a small labelled set, with the teacher's records on it;
+- ``limited+pool``: as above, and students also mimic the teacher's records on the pool images whose labels
+  they are not given (train-student ``--unlabeled``).
+
+Every stage (data, teacher, extraction, each student, each evaluation) writes its result under the run folder
+and is skipped when that result exists, so an interrupted demo resumes where it stopped. Everything a table
+claims is in ``report.json``; paired significance (McNemar over test boxes) compares each student with scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+MODES = ("quick", "default", "study")
+SETTINGS = ("same-data", "limited", "limited+pool")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sizes and iteration budgets; recorded in report.json."""
+
+    size: int = 192  # built-in image side, px
+    train: int = 150  # built-in labelled split
+    pool: int = 2000  # built-in teacher pool (also the unlabelled images)
+    test: int = 300
+    min_size: int = 192  # preprocessing: shorter side
+    max_size: int = 320
+    labelled: int = 150  # labelled images a student gets (limited settings)
+    teacher_width: float = 1.0
+    teacher_iters: int = 600
+    teacher_lr: float = 0.02
+    widths: tuple[float, ...] = (0.25,)
+    student_iters: int = 600  # stage 1
+    stage2_iters: int = 300
+    student_lr: float = 0.02
+    batch_size: int = 8
+    unlabeled_fraction: float = 0.5
+    rois_per_image: int = 64
+    eval_every: int = 150  # stage-1 recall curve points
+    eval_images: int = 150  # images per periodic evaluation
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    seeds: tuple[int, ...] = (0,)
+    settings: tuple[str, ...] = ("limited+pool",)
+    strategies: tuple[str, ...] = ("none", "roi")  # stage-1 strategies; stage 2 follows each
+    proposals: int = 300
+
+
+BUDGETS: dict[str, Budget] = {
+    "quick": Budget(size=128, train=24, pool=48, test=24, min_size=128, max_size=128, labelled=16,
+                    teacher_width=0.5, teacher_iters=30, widths=(0.125,), student_iters=12, stage2_iters=8,
+                    batch_size=4, eval_every=6, eval_images=24, rois_per_image=16, anchor_sizes=(16, 32, 64),
+                    proposals=50),
+    "default": Budget(),
+    "study": Budget(widths=(0.25, 0.5), seeds=(0, 1), settings=SETTINGS,
+                    strategies=("none", "roi", "map", "scale")),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    data: Path | None = None  # a VOC dataset instead of the built-in one
+    mode: str = "default"
+    budget: Budget | None = None  # None: BUDGETS[mode]
+    device: str = "auto"
+    workers: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"demo mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    @property
+    def plan(self) -> Budget:
+        return self.budget or BUDGETS[self.mode]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig, echo: Callable[[str], None] = print):
+        self.cfg, self.b, self.echo = cfg, cfg.plan, echo
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    def _stage(self, name: str, done: Path, fn: Callable[[], Any]) -> None:
+        if done.exists():
+            self.echo(f"[demo] {name}: done earlier ({done})")
+            return
+        self.echo(f"[demo] {name} ...")
+        t = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - t
+        self.echo(f"[demo] {name}: {self.timings[name]:.0f} s")
+
+    # -- data
+
+    def data_root(self) -> Path:
+        if self.cfg.data is not None:
+            return Path(self.cfg.data)
+        from data.synthetic import SyntheticConfig, ensure_dataset
+
+        root = self.out / "data"
+        b = self.b
+        ensure_dataset(SyntheticConfig(out=root, train=b.train, test=b.test, pool=b.pool, size=b.size,
+                                       progress=self.cfg.progress), echo=self.echo)
+        return root
+
+    def splits(self, root: Path) -> dict[str, str]:
+        """Which split plays which part. Built-in: teacher on ``pool``, labels from ``train``. A user dataset
+        without a pool: the teacher trains on all of ``train``; students get a labelled subset of it and mimic
+        the rest (the teacher's records on all of ``train``)."""
+        has_pool = (root / "ImageSets" / "Main" / "pool.txt").exists()
+        return {"teacher": "pool" if has_pool else "train", "labelled": "train",
+                "unlabelled": "pool" if has_pool else "train", "test": "test"}
+
+    # -- teacher and stores
+
+    def teacher(self, root: Path, split: str) -> Path:
+        from pipeline.teacher import TeacherConfig, train_teacher
+
+        b, run = self.b, self.out / "teacher"
+        self._stage("teacher", run / "model.pt", lambda: train_teacher(TeacherConfig(
+            data=root, split=split, out=run, width=b.teacher_width, iters=b.teacher_iters, batch_size=b.batch_size,
+            lr=b.teacher_lr, min_size=b.min_size, max_size=b.max_size, anchor_sizes=b.anchor_sizes, flip=False,
+            device=self.cfg.device, workers=self.cfg.workers, progress=self.cfg.progress)))
+        return run / "model.pt"
+
+    def store(self, teacher: Path, root: Path, split: str) -> str:
+        from pipeline.extract import ExtractConfig, run_extract
+
+        url = self.out / "stores" / split
+        done = self.out / "stores" / f"{split}.done"
+
+        def work() -> None:
+            mode = "resume" if (url / "manifest.json").exists() else "create"
+            run_extract(ExtractConfig(teacher=teacher, data=root, split=split, out=str(url), mode=mode,
+                                      proposals=self.b.proposals, device=self.cfg.device,
+                                      loader_workers=min(1, self.cfg.workers), progress=self.cfg.progress))
+            done.write_text("ok\n")
+
+        self._stage(f"extract {split}", done, work)
+        return str(url)
+
+    # -- students
+
+    def student(self, name: str, *, root: Path, store: str, split: str, width: float, stage: int, mimic: str,
+                seed: int, labelled: int | None, init: Path | None = None, unlabeled: str | None = None,
+                unlabeled_split: str | None = None, scale: bool = False) -> Path:
+        from student.train import StudentConfig, run_train_student
+
+        b, run = self.b, self.out / "students" / name
+        cfg = StudentConfig(
+            store=store, data=root, split=split, out=run, width=width, stage=stage, init=init, mimic=mimic,
+            scale_mimic=scale, iters=b.student_iters if stage == 1 else b.stage2_iters, batch_size=b.batch_size,
+            lr=b.student_lr, rois_per_image=b.rois_per_image, anchor_sizes=b.anchor_sizes, unlabeled=unlabeled,
+            unlabeled_data=root if unlabeled else None, unlabeled_split=unlabeled_split or "train",
+            unlabeled_fraction=b.unlabeled_fraction, subset=labelled, subset_seed=seed, seed=seed,
+            device=self.cfg.device, workers=min(1, self.cfg.workers), progress=self.cfg.progress,
+            eval_every=b.eval_every if stage == 1 else 0, eval_split="test" if stage == 1 else None,
+            eval_max_images=b.eval_images, checkpoint_every=max(10, b.student_iters // 4),
+        )
+        self._stage(f"student {name}", run / "model.pt", lambda: run_train_student(cfg))
+        return run / "model.pt"
+
+    # -- evaluation
+
+    def evaluate(self, name: str, model_path: Path, root: Path, *, detection: bool) -> dict:
+        from data import load_dataset
+        from detection.detector import load_detector
+        from detection.evaluate import evaluate_model, report_json
+        from detection.metrics import to_jsonable
+
+        path = self.out / "eval" / f"{name}.json"
+
+        def work() -> None:
+            model, meta = load_detector(model_path)
+            test = load_dataset(root, "test", classes=meta.get("classes"))
+            metrics = ("recall", "voc", "coco") if detection else ("recall",)
+            report = evaluate_model(model, meta, test, metrics=metrics, device=self.cfg.device, profile=True,
+                                    progress=self.cfg.progress, name=name, keep_hits=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            slim = report_json(report)
+            slim["recall_curves"] = to_jsonable(report["recall"]["curves"])  # for the demo's plots
+            _write_json(path, slim)
+
+        self._stage(f"evaluate {name}", path, work)
+        return json.loads(path.read_text())
+
+    # -- the whole run
+
+    def run(self) -> dict:
+        b = self.b
+        root = self.data_root()
+        parts = self.splits(root)
+        teacher = self.teacher(root, parts["teacher"])
+        stores = {s: self.store(teacher, root, s) for s in {parts["labelled"], parts["unlabelled"]}}
+        rows: list[dict] = []
+        t_eval = self.evaluate("teacher", teacher, root, detection=True)
+        rows.append(_row("teacher", "-", "-", b.teacher_width, 2, t_eval))
+        for setting in b.settings:
+            for width in b.widths:
+                for seed in b.seeds:
+                    rows += self._setting(setting, width, seed, root, parts, stores)
+        report = self.report(rows, root, parts)
+        return report
+
+    def _setting(self, setting: str, width: float, seed: int, root: Path, parts: dict, stores: dict) -> list[dict]:
+        b = self.b
+        labelled = None if setting == "same-data" else b.labelled
+        split = parts["teacher"] if setting == "same-data" else parts["labelled"]
+        if setting == "same-data":
+            store = stores.get(split) or self.store(self.out / "teacher" / "model.pt", root, split)
+            stores[split] = store
+        else:
+            store = stores[parts["labelled"]]
+        unl = stores[parts["unlabelled"]] if setting == "limited+pool" else None
+        rows = []
+        for strategy in b.strategies:
+            tag = f"{setting}-w{_w(width)}-s{seed}-{strategy}"
+            mimic = {"none": "none", "roi": "roi", "map": "map", "scale": "roi"}[strategy]
+            s1 = self.student(f"{tag}-stage1", root=root, store=store, split=split, width=width, stage=1,
+                              mimic=mimic, seed=seed, labelled=labelled, unlabeled=unl if mimic != "none" else None,
+                              unlabeled_split=parts["unlabelled"], scale=strategy == "scale")
+            ev1 = self.evaluate(f"{tag}-stage1", s1, root, detection=False)
+            rows.append(_row(strategy, setting, seed, width, 1, ev1, run=self.out / "students" / f"{tag}-stage1"))
+            # Stage 2: the full detector from stage 1; mimic students add two-stage (logits) mimic.
+            mimic2 = "none" if strategy == "none" else "roi"
+            s2 = self.student(f"{tag}-stage2", root=root, store=store, split=split, width=width, stage=2,
+                              mimic=mimic2, seed=seed, labelled=labelled, init=s1,
+                              unlabeled=unl if mimic2 != "none" else None, unlabeled_split=parts["unlabelled"],
+                              scale=strategy == "scale")
+            ev2 = self.evaluate(f"{tag}-stage2", s2, root, detection=True)
+            name2 = "scratch" if strategy == "none" else f"{strategy} + two-stage"
+            rows.append(_row(name2, setting, seed, width, 2, ev2))
+        return rows
+
+    # -- report
+
+    def report(self, rows: list[dict], root: Path, parts: dict) -> dict:
+        from detection.metrics.significance import mcnemar
+
+        teacher_ms = rows[0]["ms_per_image"]
+        for r in rows:
+            r["speedup"] = teacher_ms / r["ms_per_image"] if r.get("ms_per_image") else None
+        # Paired test over the same test boxes: each student against the scratch student of its group.
+        by_key = {(r["setting"], r["width"], r["seed"], r["stage"], r["strategy"]): r for r in rows}
+        for r in rows:
+            if r["strategy"] in ("teacher", "none", "scratch"):
+                continue
+            base = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], "none" if r["stage"] == 1 else "scratch"))
+            if base and r.get("hits") and base.get("hits"):
+                r["vs_scratch"] = mcnemar(np.array(r["hits"], bool), np.array(base["hits"], bool))
+        report = {
+            "mode": self.cfg.mode,
+            "data": str(root),
+            "splits": parts,
+            "budget": asdict(self.b),
+            "rows": [{k: v for k, v in r.items() if k not in ("hits", "curve", "run")} for r in rows],
+            "timings_s": self.timings,
+        }
+        _write_json(self.out / "report.json", report)
+        self.plots(rows)
+        self.echo(format_table(report))
+        return report
+
+    def plots(self, rows: list[dict]) -> None:
+        from detection.metrics import plots
+
+        folder = self.out / "plots"
+        folder.mkdir(parents=True, exist_ok=True)
+        curves = {}
+        for r in rows:
+            if r["stage"] == 1 or r["strategy"] == "teacher":
+                ev = json.loads((self.out / "eval" / f"{r['eval_name']}.json").read_text())
+                rc = ev.get("recall_curves")
+                if rc:
+                    curves[r["label"]] = {k: np.asarray(v, float) for k, v in rc.items()}
+        if curves:
+            plots.plot_recall_iou(curves, folder / "recall_iou.png")
+        series = {}
+        for r in rows:
+            if r.get("curve"):
+                its, vals = zip(*r["curve"])
+                series[r["label"]] = (list(its), list(vals))
+        if series:
+            plots.plot_lines(series, folder / "recall_vs_iterations.png", xlabel="iteration",
+                             ylabel="recall@0.7 (300 proposals)", title="Stage-1 recall during training")
+        points = [(r["label"], r["ms_per_image"], r["mAP"]) for r in rows
+                  if r["stage"] == 2 and r["strategy"] != "teacher" and r.get("mAP") is not None]
+        t = rows[0]
+        if points:
+            plots.plot_speed_accuracy(points=points, teacher_point=(t["label"], t["ms_per_image"], t["mAP"]),
+                                      path=folder / "speed_accuracy.png")
+
+
+def _w(width: float) -> str:
+    return {1.0: "1", 0.5: "1-2", 0.25: "1-4", 0.125: "1-8"}.get(width, f"{width:g}")
+
+
+def _row(strategy: str, setting: str, seed, width: float, stage: int, ev: dict, run: Path | None = None) -> dict:
+    s = ev.get("summary", {})
+    label = "teacher" if strategy == "teacher" else f"{strategy} s{stage} w{_w(width)} {setting} seed{seed}"
+    row = {
+        "label": label,
+        "eval_name": ev.get("model", {}).get("name"),
+        "strategy": strategy,
+        "setting": setting,
+        "seed": seed,
+        "width": width,
+        "stage": stage,
+        "recall@300_iou0.5": s.get("recall@300_iou0.5"),
+        "recall@300_iou0.7": s.get("recall@300_iou0.7"),
+        "AR@300": s.get("AR@300"),
+        "mAP": s.get("mAP@0.5_11pt"),
+        "coco_AP": s.get("coco_AP"),
+        "params": s.get("params_total"),
+        "gflops": s.get("gflops"),
+        "ms_per_image": s.get("ms_per_image"),
+        "hits": ev.get("recall", {}).get("hits", {}).get("top300_iou0.7"),
+    }
+    if run is not None and (run / "eval.jsonl").exists():
+        pts = []
+        for line in (run / "eval.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            v = d.get("recall@300_iou0.7", d.get("metrics", {}).get("recall@300_iou0.7"))
+            if v is not None:
+                pts.append((d["iteration"], v))
+        row["curve"] = pts
+    return row
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def format_table(report: dict) -> str:
+    head = ("model", "setting", "w", "stage", "R@0.5", "R@0.7", "mAP@0.5", "COCO AP", "params", "GFLOPs", "ms/img",
+            "speed-up", "vs scratch (R@0.7, McNemar p)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        vs = r.get("vs_scratch")
+        vs_s = f"b={vs['b']} c={vs['c']} p={vs['p_value']:.2g}" if vs else "-"
+        lines.append("| " + " | ".join([
+            r["strategy"] if r["strategy"] != "none" else "scratch", str(r["setting"]), _w(r["width"]),
+            str(r["stage"]), _pct(r["recall@300_iou0.5"]), _pct(r["recall@300_iou0.7"]),
+            _pct(r["mAP"]) if r["stage"] == 2 else "-", _pct(r["coco_AP"]) if r["stage"] == 2 else "-",
+            f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
+            f"{r['gflops']:.2f}" if r.get("gflops") else "-",
+            f"{r['ms_per_image']:.1f}" if r.get("ms_per_image") else "-",
+            f"{r['speedup']:.1f}x" if r.get("speedup") else "-", vs_s]) + " |")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
+    return Demo(cfg, echo).run()

@@ -1,0 +1,307 @@
+"""`mimic export`: ONNX (run with onnxruntime) and TorchScript (loaded back) reproduce Detector.predict, the
+ps_roi_align symbolic, the deployment helpers, and bad input through the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torchvision.ops import ps_roi_align
+
+from cli import main
+from data.transforms import Preprocess
+from detection.detector import Detector, load_detector, save_detector
+from detection.export import (
+    OUTPUT_NAMES,
+    ExportConfig,
+    _register_symbolics,
+    example_input,
+    match_outputs,
+    onnx_runner,
+    postprocess,
+    prepare_input,
+    read_sidecar,
+    reference_outputs,
+    run_export,
+    torchscript_runner,
+)
+from tests.pipeline_fixtures import CLASSES, make_tiny_teacher
+
+SIZE = 128
+HEADS = ("fast-rcnn", "rfcn", "none")
+
+
+torch.set_num_threads(1)  # tiny models: a second thread only contends with other test processes
+
+
+def _deployable(path: Path, head: str, *, upsample: bool = False, input_scale: float = 1.0) -> Path:
+    """A tiny w=1/8 detector (random weights, calibrated BN) whose predictors are sharpened x30, so scores spread
+    out, NMS suppresses and the numbers of proposals and detections change from image to image (no top-N cap
+    on detections). ``upsample`` + ``input_scale=0.5`` make it a scale-mimic student."""
+    make_tiny_teacher(path, size=SIZE, head=head)
+    base, meta = load_detector(path)
+    model = Detector(dataclasses.replace(base.config, detections_per_img=1000, upsample=upsample))
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing == (["upsample.weight"] if upsample else [])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and name.split(".")[-2] in ("cls_logits", "bbox_pred", "cls_score", "cls_maps",
+                                                                     "box_maps"):
+                p.mul_(30.0)
+    save_detector(path, model, {**meta, "role": "student", "input_scale": input_scale})
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {head: _deployable(root / f"{head}.pt", head) for head in HEADS}
+
+
+def _runner(fmt: str, path: Path):
+    return onnx_runner(path) if fmt == "onnx" else torchscript_runner(path)
+
+
+# --- the exported files reproduce predict ---------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("head", HEADS)
+def test_export_reproduces_predict_on_new_images(checkpoints, tmp_path, head, fmt):
+    out = tmp_path / f"model.{fmt}"
+    summary = run_export(ExportConfig(checkpoint=checkpoints[head], format=fmt, out=out))
+    assert summary["input_shape"] == [1, 3, SIZE, SIZE] and summary["head"] == head
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, f"{out.name}.json"])
+
+    model, _ = load_detector(checkpoints[head])
+    run = _runner(fmt, out)
+    counts = []
+    for seed in (5, 6):  # neither is an input the file was traced or verified with
+        x = example_input(SIZE, SIZE, seed=seed)
+        expected, got = reference_outputs(model, x), run(x.numpy())
+        assert set(got) == set(OUTPUT_NAMES)
+        assert got["labels"].dtype == np.int64 and got["boxes"].dtype == np.float32
+        assert match_outputs(expected, got, atol=1e-3) < 1e-3
+        counts.append((len(got["boxes"]), len(got["proposals"])))
+    # The numbers of rows change with the image, so nothing was frozen into the trace.
+    assert len({r for _, r in counts}) > 1 and len({d for d, _ in counts}) > 1, counts
+    if head == "none":
+        assert all(d == r for d, r in counts)
+
+    side = read_sidecar(out)
+    assert side["format"] == fmt and side["head"] == head and side["classes"] == list(CLASSES)
+    assert side["preprocess"] == Preprocess(min_size=SIZE, max_size=SIZE).to_dict() and side["input_scale"] == 1.0
+    assert side["input"]["shape"] == [1, 3, SIZE, SIZE]
+    assert [o["name"] for o in side["outputs"]] == list(OUTPUT_NAMES)
+    assert side["postprocess_in_graph"] and "original image" in side["postprocess_remaining"]
+    assert side["verified_max_abs_diff"] < 1e-3
+
+
+def test_scale_mimic_student_takes_half_size_input(tmp_path):
+    ckpt = _deployable(tmp_path / "student.pt", "fast-rcnn", upsample=True, input_scale=0.5)
+    out = tmp_path / "student.onnx"
+    summary = run_export(ExportConfig(checkpoint=ckpt, format="onnx", out=out))
+    # Shorter side 128 at scale 0.5 -> 64, padded to a multiple of 32 * 0.5.
+    assert summary["input_shape"] == [1, 3, 64, 64]
+    side = read_sidecar(out)
+    assert side["input_scale"] == 0.5 and side["detector_config"]["upsample"] is True
+    model, _ = load_detector(ckpt)
+    x = example_input(64, 64, seed=3)
+    assert match_outputs(reference_outputs(model, x), onnx_runner(out)(x.numpy()), atol=1e-3) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_image_without_detections_gives_empty_outputs(checkpoints, tmp_path, fmt):
+    model, meta = load_detector(checkpoints["rfcn"])
+    with torch.no_grad():  # background wins every vote: no class score passes 0.05
+        model.head.cls_maps.bias.view(-1, model.config.rfcn_k**2)[0] += 50.0
+    ckpt = tmp_path / "background.pt"
+    save_detector(ckpt, model, meta)
+    out = tmp_path / f"bg.{fmt}"
+    run_export(ExportConfig(checkpoint=ckpt, format=fmt, out=out, height=96, width=160, verify=False))
+    x = example_input(96, 160, seed=4)
+    got = _runner(fmt, out)(x.numpy())
+    assert got["boxes"].shape == (0, 4) and got["scores"].shape == (0,) and got["labels"].shape == (0,)
+    assert len(got["proposals"]) > 0
+    match_outputs(reference_outputs(model, x), got, atol=1e-3)
+
+
+# --- ps_roi_align in ONNX --------------------------------------------------------------------------------------
+class _PSRoIAlign(torch.nn.Module):
+    def __init__(self, k: int, sampling_ratio: int) -> None:
+        super().__init__()
+        self.k, self.sampling_ratio = k, sampling_ratio
+
+    def forward(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return ps_roi_align(x, rois, output_size=self.k, spatial_scale=1 / 16, sampling_ratio=self.sampling_ratio)
+
+
+@pytest.mark.filterwarnings("ignore")  # the exporter's deprecation and tracer notices
+@pytest.mark.parametrize("k,sampling_ratio", [(3, 2), (2, 0)])
+def test_ps_roi_align_symbolic_matches_torchvision(tmp_path, k, sampling_ratio):
+    _register_symbolics()
+    C = 2
+    rois = torch.tensor(
+        [[0, 3.0, 5.0, 60.0, 90.0], [1, -10.0, 20.0, 200.0, 40.0], [0, 30.0, 30.0, 31.0, 31.0], [1, 20, 24, 100, 90]]
+    )  # one inside, one crossing the border, one smaller than a cell, one on image 1
+    module = _PSRoIAlign(k, sampling_ratio)
+    path = tmp_path / "ps.onnx"
+    x = torch.randn(2, C * k * k, 8, 9, generator=torch.Generator().manual_seed(0))
+    torch.onnx.export(module, (x, rois[:2]), str(path), opset_version=17, dynamo=False, input_names=["x", "rois"],
+                      dynamic_axes={"rois": {0: "R"}})
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy(), "rois": rois.numpy()})[0]
+    np.testing.assert_allclose(got, module(x, rois).numpy(), atol=1e-5)
+
+    # Known answer: on a map whose every channel is constant, bin (i, j) of class c reads channel c·k² + i·k + j.
+    const = torch.arange(C * k * k, dtype=torch.float32)[None, :, None, None].expand(2, -1, 8, 9).contiguous()
+    inside = rois[[0, 3]]
+    got = session.run(None, {"x": const.numpy(), "rois": inside.numpy()})[0]
+    expected = np.broadcast_to(np.arange(C * k * k, dtype=np.float32).reshape(1, C, k, k), got.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# --- comparison and deployment helpers -------------------------------------------------------------------------
+def _outputs(boxes, scores, labels, proposals=((0, 0, 10, 10),), proposal_scores=(0.9,)) -> dict[str, np.ndarray]:
+    return {
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "scores": np.asarray(scores, np.float32),
+        "labels": np.asarray(labels, np.int64),
+        "proposals": np.asarray(proposals, np.float32).reshape(-1, 4),
+        "proposal_scores": np.asarray(proposal_scores, np.float32),
+    }
+
+
+def test_match_outputs_accepts_ties_in_any_order_and_names_what_differs():
+    a = _outputs([[0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 8, 8]], [0.9, 0.5, 0.5], [1, 2, 2])
+    tied = _outputs([[0, 0, 10, 10], [5, 5, 8, 8], [20, 20, 30, 30.0004]], [0.9, 0.5, 0.5], [1, 2, 2])
+    assert match_outputs(a, tied, atol=1e-3) == pytest.approx(4e-4, abs=1e-5)
+    moved = _outputs([[0, 0, 10, 10], [20, 20, 30, 30.01], [5, 5, 8, 8]], [0.9, 0.5, 0.5], [1, 2, 2])
+    with pytest.raises(ValueError, match=r"boxes\[1\].*differs by 0.01"):
+        match_outputs(a, moved, atol=1e-3)
+    relabelled = _outputs([[0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 8, 8]], [0.9, 0.5, 0.5], [2, 2, 2])
+    with pytest.raises(ValueError, match=r"boxes\[0\] \(label 1"):
+        match_outputs(a, relabelled, atol=1e-3)
+    shorter = _outputs([[0, 0, 10, 10]], [0.9], [1])
+    with pytest.raises(ValueError, match="boxes: exported gives 1 rows, PyTorch 3"):
+        match_outputs(a, shorter, atol=1e-3)
+
+
+def test_prepare_input_pads_and_postprocess_maps_back_to_original_pixels():
+    side = {
+        "preprocess": Preprocess(min_size=64, max_size=128).to_dict(),
+        "input_scale": 1.0,
+        "input": {"shape": [1, 3, 64, 128]},
+    }
+    image = np.full((40, 60, 3), 255, np.uint8)  # h=40, w=60 -> factor 1.6 -> 96 x 64 input
+    x, params = prepare_input(image, side)
+    assert x.shape == (1, 3, 64, 128) and x.dtype == np.float32
+    white = (1 - np.array(side["preprocess"]["mean"])) / np.array(side["preprocess"]["std"])
+    np.testing.assert_allclose(x[0, :, :, :96], np.broadcast_to(white[:, None, None], (3, 64, 96)), atol=1e-5)
+    assert not x[0, :, :, 96:].any()  # zero padding right of the image
+
+    out = _outputs(
+        [[0, 0, 96, 64], [80, 16, 120, 48], [100, 0, 120, 10]], [0.9, 0.8, 0.7], [1, 2, 1],
+        proposals=[[16, 8, 48, 40]], proposal_scores=[0.6],
+    )  # fmt: skip
+    final = postprocess(out, params)
+    np.testing.assert_allclose(final["boxes"], [[0, 0, 60, 40], [50, 10, 60, 30]], atol=1e-5)
+    np.testing.assert_allclose(final["scores"], [0.9, 0.8])  # the box wholly in the padding is gone
+    assert final["labels"].tolist() == [1, 2]
+    np.testing.assert_allclose(final["proposals"], [[10, 5, 30, 25]], atol=1e-5)
+
+    # A portrait image (h=60, w=40) becomes 64 x 96, taller than the exported input.
+    with pytest.raises(ValueError, match="becomes a 64x96 input, larger than the exported 128x64"):
+        prepare_input(np.zeros((60, 40, 3), np.uint8), side)
+
+
+def test_export_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="format must be one of onnx, torchscript, got 'tflite'"):
+        ExportConfig(checkpoint=tmp_path / "m.pt", format="tflite", out=tmp_path / "m")
+    with pytest.raises(ValueError, match="opset must be in 16..20, got 11"):
+        ExportConfig(checkpoint=tmp_path / "m.pt", format="onnx", out=tmp_path / "m", opset=11)
+    with pytest.raises(ValueError, match="height must be a positive number of pixels, got 0"):
+        ExportConfig(checkpoint=tmp_path / "m.pt", format="onnx", out=tmp_path / "m", height=0)
+
+
+def test_failed_verification_leaves_nothing(checkpoints, tmp_path):
+    out = tmp_path / "m.onnx"
+    # onnxruntime's float arithmetic differs from PyTorch's by ~1e-5: far above this tolerance.
+    with pytest.raises(ValueError, match="does not reproduce PyTorch on test input 0.*nothing was written"):
+        run_export(ExportConfig(checkpoint=checkpoints["fast-rcnn"], format="onnx", out=out, atol=1e-12))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+def test_cli_export_writes_model_and_sidecar(checkpoints, tmp_path):
+    out = tmp_path / "student.onnx"
+    args = ["export", str(checkpoints["rfcn"]), "--format", "onnx", "--out", str(out), "--height", "96",
+            "--width", "160"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output and "rfcn head, input 1x3x96x160" in result.output
+    side = json.loads((tmp_path / "student.onnx.json").read_text())
+    assert side["input"]["shape"] == [1, 3, 96, 160] and side["opset"] == 17
+    x = example_input(96, 160, seed=9)
+    model, _ = load_detector(checkpoints["rfcn"])
+    match_outputs(reference_outputs(model, x), onnx_runner(out)(x.numpy()), atol=1e-3)
+
+    before = out.read_bytes()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "exists; pass --overwrite" in again.output and "Traceback" not in again.output
+    assert out.read_bytes() == before
+    replaced = CliRunner().invoke(main, [*args, "--overwrite", "--no-verify", "--format", "torchscript"])
+    assert replaced.exit_code == 0, replaced.output
+    assert "not verified" in replaced.output and json.loads(Path(f"{out}.json").read_text())["format"] == "torchscript"
+
+
+def test_cli_help_documents_outputs_and_remaining_postprocessing():
+    result = CliRunner().invoke(main, ["export", "--help"])
+    assert result.exit_code == 0
+    for phrase in ("boxes [D,4]", "proposal_scores [R]", "class-wise NMS", "postprocess", "half-size"):
+        assert phrase in result.output
+
+
+def _bad(tmp_path: Path, args: list[str]) -> tuple[int, str]:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = CliRunner().invoke(main, ["export", *args, "--out", str(out_dir / "m.onnx")])
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert list(out_dir.iterdir()) == []  # nothing half-written, no temporary files
+    return result.exit_code, result.output
+
+
+def test_cli_missing_checkpoint(tmp_path):
+    code, output = _bad(tmp_path, [str(tmp_path / "nope.pt"), "--format", "onnx"])
+    assert code == 2 and "does not exist" in output
+
+
+def test_cli_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, output = _bad(tmp_path, [str(bad), "--format", "onnx"])
+    assert code == 1 and f"{bad}: not a readable detector checkpoint" in output
+
+
+def test_cli_checkpoint_of_something_else(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    code, output = _bad(tmp_path, [str(other), "--format", "torchscript"])
+    assert code == 1 and "expected a dict with 'model' and 'detector_config'" in output
+
+
+def test_cli_unknown_format(checkpoints, tmp_path):
+    code, output = _bad(tmp_path, [str(checkpoints["none"]), "--format", "tflite"])
+    assert code == 2 and "'tflite' is not one of 'onnx', 'torchscript'" in output
+
+
+def test_cli_missing_output_folder(checkpoints, tmp_path):
+    result = CliRunner().invoke(
+        main, ["export", str(checkpoints["none"]), "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")]
+    )
+    assert result.exit_code == 1 and "output folder does not exist" in result.output
