@@ -352,7 +352,8 @@ def evaluate_command(model_path, data, split, metrics, out, plots, max_images, b
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="File format.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write; FILE.json gets the sidecar.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="File to write; FILE.json gets the sidecar.")
 @click.option("--height", default=None, type=click.IntRange(min=1),
               help="Input height, px [default: the checkpoint's shorter side at its input scale, padded].")
 @click.option("--width", default=None, type=click.IntRange(min=1),
@@ -376,7 +377,8 @@ def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite
 
     s = run_export(ExportConfig(checkpoint=Path(checkpoint), format=fmt, out=Path(out), height=height, width=width,
                                 opset=opset, verify=verify, overwrite=overwrite))
-    checked = "not verified" if s["verified_max_abs_diff"] is None else f"max |diff| vs PyTorch {s['verified_max_abs_diff']:.2g}"
+    diff = s["verified_max_abs_diff"]
+    checked = "not verified" if diff is None else f"max |diff| vs PyTorch {diff:.2g}"
     click.echo(f"wrote {s['format']} ({s['head']} head, input {'x'.join(map(str, s['input_shape']))}, "
                f"{s['bytes'] / 1e6:.1f} MB, {checked}) -> {s['out']} + {s['sidecar']}")
 # --- end export ---

@@ -203,12 +203,20 @@ def export_torchscript(model: nn.Module, path: Path, *, height: int, width: int)
         torch.jit.save(traced, str(path))
 
 
+def _onnxruntime():  # noqa: ANN202
+    try:
+        import onnxruntime
+    except ImportError:  # an optional dependency
+        raise ValueError(
+            "running an ONNX file (also to verify an export) needs onnxruntime: pip install 'mimicdet[export]', "
+            "or export with --no-verify"
+        ) from None
+    return onnxruntime
+
+
 def onnx_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """``images float32[1,3,H,W] -> {name: array}`` with onnxruntime on CPU."""
-    try:
-        import onnxruntime as ort
-    except ImportError:  # an optional dependency: pip install mimicdet[export]
-        raise DataError("running an ONNX export needs onnxruntime (pip install 'mimicdet[export]')") from None
+    ort = _onnxruntime()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3  # warnings about unused initialisers are noise here
@@ -408,6 +416,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
                 raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {out.parent}")
+    if cfg.format == "onnx" and cfg.verify:
+        _onnxruntime()  # fail before the work, not after it
     model, meta = load_detector(cfg.checkpoint)
     model.eval()
     height, width = default_input_size(meta)

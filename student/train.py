@@ -319,7 +319,17 @@ def run_train_student(cfg: StudentConfig) -> dict:
     transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=manifest.channels) if cfg.feature_mimic else None
     model = StudentModel(student, transform, cfg, manifest.stride)
 
-    check_out_dir(cfg)
+    rank, world = _dist_rank_world()
+    if world > 1:
+        _init_dist(cfg.device)
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    if rank == 0:
+        check_out_dir(cfg)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the run folder is ready before any process reads a checkpoint from it
     mimic_images = MimicImages(sources, images)
 
     def batches(start_iter: int):
@@ -327,6 +337,8 @@ def run_train_student(cfg: StudentConfig) -> dict:
             len(dataset), n_unl, cfg.batch_size,
             unlabelled_fraction=cfg.unlabeled_fraction, seed=cfg.seed, start_iter=start_iter, flip=flip,
         )
+        if world > 1:  # each process takes its share of the same global batch
+            sampler = RankShare(sampler, rank, world)
         return iter(make_mimic_loader(mimic_images, sampler, num_workers=cfg.workers))
 
     meta = _student_meta(cfg, dataset, manifest, pre)
@@ -345,6 +357,10 @@ def run_train_student(cfg: StudentConfig) -> dict:
     hooks = [CheckpointHook(cfg.checkpoint_every), MetricsLogHook(cfg.log_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
     if cfg.eval_every and cfg.eval_split:
         hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
+    if world > 1:
+        # Only rank 0 writes checkpoints, logs and evaluations; every rank resumes from its checkpoint.
+        hooks = hooks if rank == 0 else []
+        model = _wrap_ddp(model, cfg.device)
     trainer = Trainer(
         model=model,
         config=train_cfg,
@@ -355,10 +371,67 @@ def run_train_student(cfg: StudentConfig) -> dict:
         loss_weights={"loss_mimic": cfg.mimic_weight, "loss_logits": cfg.effective_logits_weight},
         meta=meta,
     )
-    summary = trainer.train()
-    save_detector(cfg.out / "model.pt", student.cpu(), meta | {"iterations": trainer.iter})
+    try:
+        summary = trainer.train()
+        if rank == 0:
+            save_detector(cfg.out / "model.pt", student.cpu(), meta | {"iterations": trainer.iter, "world_size": world})
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
     summary["model"] = str(cfg.out / "model.pt")
+    summary["world_size"] = world
     return summary
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun (RANK / WORLD_SIZE set), else (0, 1)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _wrap_ddp(model: nn.Module, device: str) -> nn.Module:
+    """DistributedDataParallel: gloo on CPU, nccl on CUDA. Gradients are averaged across processes, so with
+    the global batch split evenly the step equals one process's step on the whole batch (batch-norm
+    statistics aside: each process normalises over its own share)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = _init_dist(device)
+    model.to(dev)
+    # Unused parameters happen: a share with no labelled image skips the RPN losses.
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _init_dist(device: str) -> torch.device:
+    """Join the torchrun process group once; returns this process's device."""
+    import os
+
+    import torch.distributed as dist
+
+    from detection.device import select_device
+
+    dev = select_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+class RankShare:
+    """This process's share of each global batch: keys ``rank::world`` (labelled and unlabelled alike)."""
+
+    def __init__(self, sampler, rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self):
+        for keys in self.sampler:
+            yield keys[self.rank :: self.world]
 
 
 def _student_meta(cfg: StudentConfig, dataset: Dataset, manifest, pre: Preprocess) -> dict:

@@ -32,6 +32,7 @@ from detection.export import (
 )
 from tests.pipeline_fixtures import CLASSES, make_tiny_teacher
 
+RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon"
 SIZE = 128
 HEADS = ("fast-rcnn", "rfcn", "none")
 
@@ -305,3 +306,28 @@ def test_cli_missing_output_folder(checkpoints, tmp_path):
         main, ["export", str(checkpoints["none"]), "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")]
     )
     assert result.exit_code == 1 and "output folder does not exist" in result.output
+
+
+def test_deployment_path_on_a_real_image_matches_predict_in_original_pixels(checkpoints, tmp_path):
+    """prepare_input -> onnxruntime -> postprocess on a raccoon photo equals predict + mapping back, when the
+    exported input is exactly the image's input size (nothing padded)."""
+    from data.images import load_image
+    from data.transforms import prepare
+
+    image = load_image(RACCOON / "JPEGImages" / "raccoon-1.jpg")
+    model, meta = load_detector(checkpoints["fast-rcnn"])
+    tensor, _, params = prepare(image, np.zeros((0, 4), np.float32), Preprocess.from_dict(meta["preprocess"]),
+                                flip=False)
+    h, w = tensor.shape[-2:]
+    assert (h, w) != (SIZE, SIZE)  # a non-square photo: the export size comes from the options
+    out = tmp_path / "raccoon.onnx"
+    run_export(ExportConfig(checkpoint=checkpoints["fast-rcnn"], format="onnx", out=out, height=h, width=w, verify=False))
+    x, got_params = prepare_input(image, read_sidecar(out))
+    assert got_params == params
+    final = postprocess(onnx_runner(out)(x), got_params)
+
+    det = reference_outputs(model, tensor[None])
+    expected = postprocess(det, params)
+    assert len(final["boxes"]) == len(det["boxes"]) > 0
+    assert final["boxes"][:, 2].max() <= image.shape[1] and final["boxes"][:, 3].max() <= image.shape[0]
+    match_outputs(expected, final, atol=1e-2)  # original pixels are ~3x input pixels here
