@@ -29,20 +29,20 @@ counts and gets no gradient).
 Cost. The plain form (:func:`roi_mimic_loss_reference`) pools two Ct-channel maps with ``roi_align``, whose CPU
 backward dominates a small student's step. :func:`roi_mimic_loss` computes the same number from linear algebra:
 
-- roialign, small maps: RoIAlign is separable (``P_i X = A^y_i X A^x_iᵀ`` per channel), so
-  ``Σ_i ‖P_i D‖² = ⟨D, K·D⟩`` with ``D = U − r(V)`` (``Tensor[N, HW, Ct]``, one GEMM) and
+- roialign, maps up to ~50x50: RoIAlign is separable (``P_i X = A^y_i X A^x_iᵀ`` per channel), so
+  ``Σ_i ‖P_i D‖² = ⟨D, K·D⟩`` with ``D = r(V) − U`` (``Tensor[N, HW, Ct]``, one GEMM) and
   ``K_n = Σ_i (A^y_iᵀA^y_i) ⊗ (A^x_iᵀA^x_i)`` (``HW × HW``, no gradient). One batched matmul forward; the
-  gradient ``2·K·D`` is the product already formed. Cost ``∝ Ct·(HW)²`` per image.
-- roialign, large maps (``(HW)²`` beyond a few regions' worth of bins): pool-then-transform. ``roi_align`` of the
-  student (Cs channels, not Ct) and of the teacher (no gradient), then ``r`` on the pooled bins, with the
-  bias scaled by the pooled ones-map (the in-map fraction of each bin's samples).
-- native: a per-cell weighted MSE, ``weight(y, x) = Σ_i [cell in crop i]/(h_i·w_i)`` built with a 2-D prefix
-  sum, evaluated (and ``r`` applied, as a matmul) only on cells with a positive weight.
+  gradient ``2·K·D`` is the product already formed. Cost: ``r`` forward and backward (three Ct·Cs·HW GEMMs, as
+  in the plain form) plus Ct·(HW)² per image.
+- roialign, larger maps (see ``_use_kernel``): pool-then-transform. ``roi_align`` of the student (Cs channels,
+  not Ct) and of the teacher (no gradient), then ``r`` on the pooled bins, with the bias scaled by the pooled
+  ones-map (the in-map share of each bin's samples, which torchvision's zeroing off the map makes < 1).
+- native: a per-cell weighted MSE, ``weight(y, x) = Σ_i [cell in crop i]/(h_i·w_i)`` built with 2-D prefix
+  sums, evaluated (and ``r`` applied, as one GEMM) only on cells with a positive weight.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -55,10 +55,13 @@ from torchvision.ops import roi_align
 Sampler = Literal["roialign", "native"]
 SAMPLERS: tuple[str, ...] = ("roialign", "native")
 
-# The kernel form costs Ct·(HW)² per image; pool-then-transform ~ Ct·Cs·R·Ph·Pw plus torchvision roi_align
-# over Ct + Cs channels. Measured on 2 CPU cores (benchmarks/mimic_loss.py) the kernel wins up to ~(HW)² ≈ 8 × the
-# pool-then-transform count (16x16 maps: kernel ~10x faster; 38x63: pool-then-transform ~4x faster).
+# Size rule between the two exact roialign forms. The kernel form costs ~Ct·(HW)² per image and holds N·(HW)²
+# floats; pool-then-transform ~Ct·Cs·R·Ph·Pw plus torchvision roi_align over Ct + Cs channels, whatever the map
+# size. Measured on this 2-core CPU (benchmarks/mimic_loss.py, 128 regions, Cs 208, Ct 832) the kernel wins by
+# ~50x at 16x16 maps and still by ~1.3x at 38x63, where (HW)² is ~4.4 x R·Ph·Pw·Cs; the cap keeps K under 32 MB
+# per image.
 _KERNEL_ADVANTAGE = 8.0
+_KERNEL_MAX_CELLS = 2896
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -413,7 +416,8 @@ def _roi_align_per_image(
     args = (output_size, spatial_scale, sampling_ratio, aligned)
     if all(s == tuple(x.shape[2:]) for s in sizes):
         return roi_align(x, rois, *args)
-    return torch.cat([roi_align(x[k : k + 1, :, :vh, :vw], [r], *args) for k, (r, (vh, vw)) in enumerate(zip(rois, sizes))])
+    crops = [x[k : k + 1, :, :vh, :vw] for k, (vh, vw) in enumerate(sizes)]
+    return torch.cat([roi_align(crop, [r], *args) for crop, r in zip(crops, rois)])
 
 
 def _roialign_pool_then_transform(
@@ -421,7 +425,7 @@ def _roialign_pool_then_transform(
     sizes: list[tuple[int, int]], *, spatial_scale: float, output_size: tuple[int, int], sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    """``Σ_i ‖P_i U − (W·P_i V + b·P_i 1)‖²``: pool Cs channels, not Ct; ``P_i 1`` is each bin's in-map share."""
+    """``Σ_i ‖P_i U − (W·P_i V + b·P_i 1)‖²``: pools Cs channels, not Ct; ``P_i 1`` = in-map share per bin."""
     common = dict(
         spatial_scale=spatial_scale, output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned
     )
@@ -445,7 +449,10 @@ def _native_weights(
     n = len(rois)
     device = rois[0].device
     crops = torch.cat(
-        [native_crops(r, spatial_scale=spatial_scale, height=vh, width=vw, aligned=aligned) for r, (vh, vw) in zip(rois, sizes)]
+        [
+            native_crops(r, spatial_scale=spatial_scale, height=vh, width=vw, aligned=aligned)
+            for r, (vh, vw) in zip(rois, sizes)
+        ]
     )
     image = torch.arange(n, device=device).repeat_interleave(torch.tensor([len(r) for r in rois], device=device))
     y0, y1, x0, x1 = crops.unbind(1)
@@ -466,7 +473,7 @@ def _native_weighted(
     student_map: Tensor, teacher_map: Tensor, rois: list[Tensor], weight: Tensor, bias: Tensor | None,
     sizes: list[tuple[int, int]], *, spatial_scale: float, aligned: bool,
 ) -> Tensor:
-    """``Σ_i ‖crop_i(U − r(V))‖² / (h_i·w_i)`` as ``Σ_cells weight·‖U − r(V)‖²`` over covered cells only."""
+    """``Σ_i ‖crop_i(U − r(V))‖² / (h_i·w_i)`` as ``Σ_cells weight·‖U − r(V)‖²`` on covered cells."""
     n, _, h, w = student_map.shape
     cell_weight = _native_weights(rois, sizes, h, w, spatial_scale=spatial_scale, aligned=aligned)
     image, ys, xs = torch.nonzero(cell_weight, as_tuple=True)
@@ -478,7 +485,9 @@ def _native_weighted(
 
 
 def _use_kernel(h: int, w: int, rois_per_image: float, bins: int, student_channels: int) -> bool:
-    return (h * w) ** 2 <= _KERNEL_ADVANTAGE * max(rois_per_image, 1.0) * bins * student_channels
+    cells = h * w
+    bins_work = max(rois_per_image, 1.0) * bins * student_channels
+    return cells <= _KERNEL_MAX_CELLS and cells**2 <= _KERNEL_ADVANTAGE * bins_work
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -565,6 +574,7 @@ def roi_mimic_loss_reference(
     total = sum(len(r) for r in boxes)
     if total == 0:
         return _zero_loss(student_map, transform.weight)
+    output_size = _pair(output_size)
     teacher = teacher_map.detach().to(student_map.dtype)
     mapped = transform(student_map)
     terms = []

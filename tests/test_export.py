@@ -321,7 +321,8 @@ def test_deployment_path_on_a_real_image_matches_predict_in_original_pixels(chec
     h, w = tensor.shape[-2:]
     assert (h, w) != (SIZE, SIZE)  # a non-square photo: the export size comes from the options
     out = tmp_path / "raccoon.onnx"
-    run_export(ExportConfig(checkpoint=checkpoints["fast-rcnn"], format="onnx", out=out, height=h, width=w, verify=False))
+    run_export(ExportConfig(checkpoint=checkpoints["fast-rcnn"], format="onnx", out=out, height=h, width=w,
+                            verify=False))
     x, got_params = prepare_input(image, read_sidecar(out))
     assert got_params == params
     final = postprocess(onnx_runner(out)(x), got_params)

@@ -105,13 +105,16 @@ def test_roialign_bias_counts_only_samples_on_the_map(form: str, roialign_path: 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("box", [[16.0, 16.0, 40.0, 30.0], [0.0, 0.0, 160.0, 128.0], [50.0, 70.0, 51.0, 71.0]])
-def test_constant_error_gives_half_its_square_for_any_box_size(sampler: str, box: list[float], roialign_path: str) -> None:
+def test_constant_error_gives_half_its_square_for_any_box_size(
+    sampler: str, box: list[float], roialign_path: str
+) -> None:
     gen = torch.Generator().manual_seed(1)
     student = torch.randn(1, 2, 8, 10, generator=gen, dtype=torch.float64)
     r = conv([[0.5, -1.0], [2.0, 0.25], [1.0, 1.0]], [0.1, -0.2, 0.3])
     teacher = r(student).detach() + 0.3  # every element off by e = 0.3
     for form in FORMS.values():
-        loss = form(student, teacher, [torch.tensor([box], dtype=torch.float64)], r, spatial_scale=1 / 16, sampler=sampler)
+        rois = [torch.tensor([box], dtype=torch.float64)]
+        loss = form(student, teacher, rois, r, spatial_scale=1 / 16, sampler=sampler)
         assert loss.item() == pytest.approx(0.3**2 / 2, rel=1e-12)
 
 
@@ -177,7 +180,8 @@ def test_no_gradient_reaches_the_teacher(sampler: str, form: str, roialign_path:
     student = torch.randn(1, 2, 4, 4, generator=gen, requires_grad=True)
     teacher = torch.randn(1, 3, 4, 4, generator=gen, requires_grad=True)
     r = MimicTransform(student_channels=2, teacher_channels=3)
-    loss = FORMS[form](student, teacher, [random_boxes(gen, 5, 4, 4, 16).float()], r, spatial_scale=1 / 16, sampler=sampler)
+    rois = [random_boxes(gen, 5, 4, 4, 16).float()]
+    loss = FORMS[form](student, teacher, rois, r, spatial_scale=1 / 16, sampler=sampler)
     loss.backward()
     assert teacher.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
@@ -188,7 +192,8 @@ def test_no_gradient_reaches_the_teacher(sampler: str, form: str, roialign_path:
 def test_no_regions_give_zero_and_backward_works(sampler: str) -> None:
     student = torch.randn(2, 2, 3, 3, requires_grad=True)
     r = MimicTransform(student_channels=2, teacher_channels=2)
-    loss = roi_mimic_loss(student, torch.randn(2, 2, 3, 3), [torch.zeros(0, 4)] * 2, r, spatial_scale=1.0, sampler=sampler)
+    rois = [torch.zeros(0, 4)] * 2
+    loss = roi_mimic_loss(student, torch.randn(2, 2, 3, 3), rois, r, spatial_scale=1.0, sampler=sampler)
     loss.backward()
     assert loss.item() == 0.0 and student.grad.abs().sum() == 0
 
@@ -199,26 +204,33 @@ def test_no_regions_give_zero_and_backward_works(sampler: str) -> None:
 def test_shape_mismatch_names_both_shapes() -> None:
     r = MimicTransform(student_channels=2, teacher_channels=3)
     with pytest.raises(ValueError, match=r"\(1, 2, 4, 4\).*\(1, 3, 4, 5\)"):
-        roi_mimic_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 5), [torch.zeros(1, 4)], r, spatial_scale=1.0, sampler="native")
+        _call(teacher=(1, 3, 4, 5))
     with pytest.raises(ValueError, match=r"\(2, 2, 4, 4\).*\(1, 3, 4, 4\)"):
         map_mimic_loss(torch.zeros(2, 2, 4, 4), torch.zeros(1, 3, 4, 4), r)
 
 
+def _call(student=(1, 2, 4, 4), teacher=(1, 3, 4, 4), rois=((1, 4),), transform=None, **options) -> None:
+    r = transform if transform is not None else MimicTransform(student_channels=2, teacher_channels=3)
+    boxes = [torch.zeros(shape) for shape in rois]
+    options = {"spatial_scale": 1.0, "sampler": "native", **options}
+    roi_mimic_loss(torch.zeros(student), torch.zeros(teacher), boxes, r, **options)
+
+
 @pytest.mark.parametrize(
-    ("call", "message"),
+    ("arguments", "message"),
     [
-        (lambda r: roi_mimic_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 4, 4), [torch.zeros(1, 4)], r, spatial_scale=1.0, sampler="native"), "2 -> 3 channels"),
-        (lambda r: roi_mimic_loss(torch.zeros(2, 2, 4, 4), torch.zeros(2, 3, 4, 4), [torch.zeros(1, 4)], r, spatial_scale=1.0, sampler="native"), r"\(2 images\), got 1 entries"),
-        (lambda r: roi_mimic_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), [torch.zeros(1, 5)], r, spatial_scale=1.0, sampler="native"), r"rois\[0\]"),
-        (lambda r: roi_mimic_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), [torch.zeros(1, 4)], r, spatial_scale=1.0, sampler="grid"), "sampler"),
-        (lambda r: roi_mimic_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), [torch.zeros(1, 4)], r, spatial_scale=1.0, sampler="native", valid_hw=[(5, 4)]), r"valid_hw\[0\]"),
-        (lambda r: roi_mimic_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), [torch.zeros(1, 4)], nn.Conv2d(2, 3, 3), spatial_scale=1.0, sampler="native"), "1x1"),
+        ({"teacher": (1, 4, 4, 4)}, "2 -> 3 channels"),
+        ({"student": (2, 2, 4, 4), "teacher": (2, 3, 4, 4)}, r"\(2 images\), got 1 entries"),
+        ({"rois": ((1, 5),)}, r"rois\[0\]"),
+        ({"sampler": "grid"}, "sampler"),
+        ({"valid_hw": [(5, 4)]}, r"valid_hw\[0\]"),
+        ({"transform": nn.Conv2d(2, 3, 3)}, "1x1"),
     ],
     ids=["channels", "rois-per-image", "roi-shape", "sampler", "valid-hw", "transform"],
 )
-def test_bad_arguments_are_named(call, message: str) -> None:
+def test_bad_arguments_are_named(arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        call(MimicTransform(student_channels=2, teacher_channels=3))
+        _call(**arguments)
 
 
 # ------------------------------------------------------------------------------------------ native crops
@@ -238,7 +250,8 @@ def test_bad_arguments_are_named(call, message: str) -> None:
     ],
 )
 def test_native_crops(box: list[float], aligned: bool, expected: list[int]) -> None:
-    crops = native_crops(torch.tensor([box], dtype=torch.float32), spatial_scale=1 / 16, height=3, width=4, aligned=aligned)
+    boxes = torch.tensor([box], dtype=torch.float32)
+    crops = native_crops(boxes, spatial_scale=1 / 16, height=3, width=4, aligned=aligned)
     assert crops.tolist() == [expected]
 
 
@@ -255,7 +268,8 @@ def test_map_mimic_known_answers_and_padding_ignored() -> None:
     assert loss.item() == pytest.approx((1 + 9) / 2 / 2)  # 1/(2N) Σ_n ‖·‖²/m_n
     loss.backward()
     assert student.grad[0, :, 2:, :].abs().sum() == 0 and student.grad[1, :, 1:, :].abs().sum() == 0
-    assert map_mimic_loss(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5).half(), r).item() == pytest.approx(0.125)
+    fp16_teacher = torch.full((1, 1, 2, 2), 0.5).half()
+    assert map_mimic_loss(torch.zeros(1, 1, 2, 2), fp16_teacher, r).item() == pytest.approx(0.125)
 
 
 def test_map_mimic_no_gradient_to_teacher() -> None:
@@ -349,7 +363,9 @@ def test_roi_mimic_module_scale_mimic() -> None:
     module = RoIMimic(config=MimicConfig(sampler="native", scale_mimic=True), student_channels=3, teacher_channels=4)
     small, teacher = torch.randn(2, 3, 4, 5), torch.randn(2, 4, 8, 10)
     rois = [torch.tensor([[0.0, 0.0, 64.0, 64.0]]), torch.tensor([[16.0, 16.0, 160.0, 128.0]])]
-    expected = roi_mimic_loss_reference(module.upsample(small), teacher, rois, module.transform, spatial_scale=1 / 16, sampler="native")
+    expected = roi_mimic_loss_reference(
+        module.upsample(small), teacher, rois, module.transform, spatial_scale=1 / 16, sampler="native"
+    )
     assert module(small, teacher, rois).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="same"):
         module(small, teacher[:, :, :7], rois)
