@@ -205,7 +205,7 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--flip", is_flag=True, help="Random horizontal flips (needs a store extracted with --flip).")
 @click.option("--iters", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=0.02, show_default=True, type=float)
+@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int))
 @click.option("--aspect-ratios", default="0.5,1,2", show_default=True, callback=_csv(float), help="height/width ratios.")
 @click.option("--unlabeled", default=None, help="Store of extra images without labels (mimic loss only).")
@@ -218,11 +218,15 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--eval-split", default=None, help="Split for periodic recall evaluation.")
+@click.option("--checkpoint-every", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Write the resumable OUT/checkpoint.pt every N iterations.")
+@click.option("--skip-corrupt", is_flag=True,
+              help="Verify the store's shards first and train without damaged images (reports how many).")
 @click.option("--overwrite", is_flag=True)
 def train_student_command(store, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
                           logits_weight, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
                           aspect_ratios, unlabeled, unlabeled_data, unlabeled_split, unlabeled_fraction, subset, seed,
-                          device, workers, eval_every, eval_split, overwrite) -> None:
+                          device, workers, eval_every, eval_split, checkpoint_every, skip_corrupt, overwrite) -> None:
     """Train a student detector from a teacher's feature store (the teacher is never loaded)."""
     from pathlib import Path
 
@@ -235,7 +239,13 @@ def train_student_command(store, data, split, out, width, stage, init, head, mim
         batch_size=batch_size, lr=lr, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios, unlabeled=unlabeled,
         unlabeled_data=Path(unlabeled_data) if unlabeled_data else None, unlabeled_split=unlabeled_split,
         unlabeled_fraction=unlabeled_fraction, subset=subset, seed=seed, device=device, workers=workers,
-        eval_every=eval_every, eval_split=eval_split, overwrite=overwrite, storage_options=_storage_options()))
+        eval_every=eval_every, eval_split=eval_split, checkpoint_every=checkpoint_every, skip_corrupt=skip_corrupt,
+        overwrite=overwrite, storage_options=_storage_options()))
+    skipped = summary["skipped_images"]
+    if skipped:
+        click.echo(f"skipped {len(skipped)} damaged image(s): "
+                   + ", ".join(f"{k['image_id']!r} ({k['problem']})" for k in skipped[:10])
+                   + (" ..." if len(skipped) > 10 else ""))
     click.echo(f"student at iteration {summary['iteration']}: {summary['model']} "
                f"({summary['s_per_iter']:.3f} s/iter, {100 * summary['data_fraction']:.1f}% waiting for data)")
 # --- end extract-teacher / train-student ---

@@ -3,7 +3,8 @@ location (a local path or an fsspec URL) both backends read and write through.
 
 Layout shared by both backends, under the store's root::
 
-    manifest.json                 written once, atomically, by the coordinator at create time
+    manifest.json                 written once, atomically, by the coordinator at create time; carries the
+                                  sha256 of its own content (``content_sha256``), so a later edit is refused
     _complete/shard-00012.json    written atomically after every array of shard 12 is written: image ids plus
                                   the size and crc32c of each object the shard consists of
 
@@ -13,6 +14,7 @@ Shapes in the manifest: N images, S images per shard, C channels, Hmax×Wmax the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,6 +38,7 @@ MANIFEST_NAME = "manifest.json"
 MARKER_DIR = "_complete"
 TEMP_SUFFIX = ".partial"  # temp files written before an atomic rename (zarr's LocalStore uses the same suffix)
 S3_ENDPOINT_ENV = "MIMICDET_S3_ENDPOINT"
+CHECKSUM_FIELD = "content_sha256"  # sha256 of the manifest's canonical JSON without this field
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -188,7 +191,9 @@ class Manifest:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        doc = self.to_dict()
+        doc[CHECKSUM_FIELD] = _content_sha256(doc)
+        return json.dumps(doc, indent=1, allow_nan=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "manifest") -> Manifest:
@@ -222,6 +227,15 @@ class Manifest:
                 raise StoreError(f"{source}: field {path}: missing") from None
             if stored != fn(manifest):
                 raise StoreError(f"{source}: field {path}: expected {fn(manifest)!r} (derived), got {stored!r}")
+        # Last, so a malformed field is named above; this catches edits that leave every field valid (a renamed
+        # class or image id, another channel count) and would otherwise mislabel every stored record.
+        checksum = doc.pop(CHECKSUM_FIELD, None)
+        if checksum is not None and checksum != _content_sha256(doc):
+            raise StoreError(
+                f"{source}: field {CHECKSUM_FIELD}: the manifest's content does not match its checksum "
+                f"(expected {checksum[:16]}..., the file gives {_content_sha256(doc)[:16]}...): it was edited after "
+                "the store was written; restore it or extract the store again"
+            )
         return manifest
 
     # ------------------------------------------------------------------ comparison
@@ -291,6 +305,13 @@ class Manifest:
             self._fail("backend", " or ".join(map(repr, BACKENDS)), self.backend)
         if self.format_version != FORMAT_VERSION:
             self._fail("format_version", str(FORMAT_VERSION), self.format_version)
+
+
+def _content_sha256(doc: Mapping[str, Any]) -> str:
+    canonical = json.dumps(
+        {k: v for k, v in doc.items() if k != CHECKSUM_FIELD}, sort_keys=True, separators=(",", ":"), allow_nan=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _is_int(v: Any) -> bool:

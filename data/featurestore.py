@@ -20,7 +20,9 @@ Locations are local paths or fsspec URLs (``s3://bucket/prefix``); pass ``storag
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -222,8 +224,18 @@ def _shard_problem(
     except StoreError as e:
         return f"shard {shard}: {e}"
     start, stop = manifest.shard_range(shard)
-    if marker.shard != shard or marker.image_ids != manifest.image_ids[start:stop]:
-        return f"shard {shard}: marker {key} names shard {marker.shard} / other image ids than the manifest"
+    if marker.shard != shard:
+        return f"shard {shard}: marker {key} names shard {marker.shard}"
+    ids = manifest.image_ids[start:stop]
+    if marker.image_ids != ids:
+        pairs = enumerate(zip(marker.image_ids, ids))
+        j = next((j for j, (a, b) in pairs if a != b), min(len(ids), len(marker.image_ids)))
+        got = repr(marker.image_ids[j]) if j < len(marker.image_ids) else "nothing"
+        want = repr(ids[j]) if j < len(ids) else "nothing"
+        return (
+            f"shard {shard} image {start + j} ({want}): marker {key} lists {got} there "
+            f"({len(marker.image_ids)} ids for the manifest's {len(ids)})"
+        )
     expected = set(backend.shard_keys(shard))
     if set(marker.objects) != expected:
         return f"shard {shard}: marker {key} lists objects {sorted(marker.objects)}, expected {sorted(expected)}"
@@ -302,12 +314,35 @@ class StoreWriter:
                 )
             arrays |= {prefix + k: v for k, v in _pack(m, records, where + (" (flipped)" if prefix else "")).items()}
         # Marker first out, last in: a run killed anywhere in between leaves this shard pending.
-        self._location.delete(marker_key(shard_index))
-        objects: dict[str, ObjectInfo] = self._backend.write_shard(shard_index, arrays)
-        self._location.write_bytes(marker_key(shard_index), marker_json(shard_index, ids, objects))
+        try:
+            self._location.delete(marker_key(shard_index))
+            objects: dict[str, ObjectInfo] = self._backend.write_shard(shard_index, arrays)
+            self._location.write_bytes(marker_key(shard_index), marker_json(shard_index, ids, objects))
+        except OSError as e:
+            raise _write_error(self.url, f"shard {shard_index}", e) from None
+
+    def discard_if_empty(self) -> bool:
+        """Remove the whole store when no shard is complete, so a first run that failed leaves the location as
+        it found it. Returns whether it did. Coordinator only, with no writer still running."""
+        if len(self.pending_shards()) < self.manifest.num_shards:
+            return False
+        self.close()
+        self._location.remove_all()
+        return True
 
     def close(self) -> None:
         self._backend.close()
+
+
+def _write_error(url: str, what: str, e: OSError) -> StoreError:
+    """An OS error while writing (disk full, read-only or permission denied), phrased for the user. Nothing
+    half-written counts: shards already complete are kept and a resumed writer redoes the rest."""
+    if e.errno is None:
+        reason = f"{type(e).__name__}: {e}"
+    else:
+        reason = os.strerror(e.errno) + (f": {e.filename}" if e.filename else "")
+    hint = "free some space; " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return StoreError(f"{url}: {what}: cannot write ({reason}); {hint}shards already complete are kept")
 
 
 def _ids_text(ids: Sequence[str]) -> str:
@@ -348,17 +383,49 @@ def create_store(
             if key.endswith(TEMP_SUFFIX):  # debris of a killed run; no worker is running yet
                 location.delete(key)
         return StoreWriter(location, existing)
+    debris = _creation_debris(location)
+    if mode == "resume" and debris:  # a creation killed before its manifest: nothing of value, start again
+        for key in debris:
+            location.delete(key)
     if not location.is_empty():
-        what = "a feature store" if location.exists(MANIFEST_NAME) else "files (not a feature store)"
+        if location.exists(MANIFEST_NAME):
+            what = "a feature store"
+        elif debris:
+            what = "a feature store whose creation was interrupted (no manifest.json yet)"
+        else:
+            what = "files (not a feature store)"
         hint = (
             "use --resume to finish it or --overwrite to replace it"
             if mode == "create"
             else "use --overwrite to replace it"
         )
         raise FileExistsError(f"{location.url}: {what} already exists there; {hint}")
-    _make_backend(location, manifest, writable=True).create()
-    location.write_bytes(MANIFEST_NAME, manifest.to_json().encode())  # last: a store with a manifest is whole
+    try:
+        _make_backend(location, manifest, writable=True).create()
+        location.write_bytes(MANIFEST_NAME, manifest.to_json().encode())  # last: a store with a manifest is whole
+    except OSError as e:
+        raise _write_error(location.url, "creating the store", e) from None
     return StoreWriter(location, manifest)
+
+
+def _creation_debris(location: Location) -> list[str]:
+    """What a create_store killed before writing its manifest leaves: our zarr metadata and temp files.
+    Empty when the location is empty or holds anything else (a store, or files that are not ours)."""
+    sizes = location.list_sizes()
+    if not sizes or MANIFEST_NAME in sizes:
+        return []
+    if not all(k.endswith(TEMP_SUFFIX) or k == "zarr.json" or k.endswith("/zarr.json") for k in sizes):
+        return []
+    if any(k.endswith("zarr.json") for k in sizes):  # our root group, with its attribute, is written first
+        if "zarr.json" not in sizes:
+            return []
+        try:
+            attributes = json.loads(location.read_bytes("zarr.json")).get("attributes", {})
+        except (ValueError, AttributeError):
+            return []
+        if not isinstance(attributes, dict) or "mimicdet" not in attributes:
+            return []
+    return sorted(sizes)
 
 
 def open_writer(url: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> StoreWriter:
@@ -462,10 +529,22 @@ class StoreReader:
         prefix = self._prefix(flip)
         shard = self.shard_of(index)
         self._require_shard(shard, f"image {index} ({image_id!r})")
-        if self.cache_shards:
-            arrays = self._cached_shard(shard, prefix)
-            return _unpack(self.manifest, image_id, _split_shard(arrays, index - shard * self.manifest.shard_size))
-        return _unpack(self.manifest, image_id, self._backend.read_image(index, prefix))
+        try:
+            if self.cache_shards:
+                arrays = self._cached_shard(shard, prefix)
+                local = _split_shard(arrays, index - shard * self.manifest.shard_size)
+                return _unpack(self.manifest, image_id, local)
+            return _unpack(self.manifest, image_id, self._backend.read_image(index, prefix))
+        except Exception as e:  # checksum, codec or file-format errors of whichever backend
+            raise self._read_error(f"shard {shard} image {index} ({image_id!r}){' (flipped)' if flip else ''}", e)
+
+    def _read_error(self, what: str, e: Exception) -> StoreError:
+        if isinstance(e, StoreError):
+            return e
+        return StoreError(
+            f"{self.url}: {what}: cannot be read ({type(e).__name__}: {e}); "
+            f"`mimic verify-store {self.url}` lists every damaged image"
+        )
 
     def _cached_shard(self, shard: int, prefix: str) -> dict[str, np.ndarray]:
         key = (shard, prefix)
@@ -482,9 +561,12 @@ class StoreReader:
         start, stop = self.manifest.shard_range(shard)
         prefix = self._prefix(flip)
         self._require_shard(shard, f"shard {shard}")
-        arrays = self._backend.read_shard(shard, prefix)
         ids = self.manifest.image_ids
-        return [_unpack(self.manifest, ids[i], _split_shard(arrays, i - start)) for i in range(start, stop)]
+        try:
+            arrays = self._backend.read_shard(shard, prefix)
+            return [_unpack(self.manifest, ids[i], _split_shard(arrays, i - start)) for i in range(start, stop)]
+        except Exception as e:
+            raise self._read_error(f"shard {shard} (images {_ids_text(ids[start:stop])})", e) from None
 
     def check_compatible(
         self,
@@ -546,10 +628,17 @@ class VerifyReport:
     images_checked: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # store index -> the first problem found with that image (every image of a shard for shard-wide problems)
+    bad_images: dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def add(self, problem: str, images: Sequence[int] | range = ()) -> None:
+        self.errors.append(problem)
+        for i in images:
+            self.bad_images.setdefault(int(i), problem)
 
     def format(self) -> str:
         head = "OK" if self.ok else f"FAILED ({len(self.errors)} problems)"
@@ -564,11 +653,20 @@ class VerifyReport:
 
 
 def verify_store(
-    url: str | Path, *, dataset: Any | None = None, storage_options: Mapping[str, Any] | None = None
+    url: str | Path,
+    *,
+    dataset: Any | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    shards: Sequence[int] | None = None,
+    deep: bool = True,
 ) -> VerifyReport:
     """Check the manifest, every completion marker, every shard object's size and crc32c, decode every chunk
-    (zarr/HDF5 checksums), look for NaN/Inf, and, given a `data.records.Dataset`, that it is the one the
-    store was made from. Never raises for a broken store: everything found is in the report."""
+    (zarr/HDF5 checksums), compare the stored arrays' shapes with the manifest, look for NaN/Inf, and, given a
+    `data.records.Dataset`, that it is the one the store was made from. Never raises for a broken store:
+    everything found is in the report, and ``report.bad_images`` names the images affected.
+
+    ``shards`` limits the check to those shards (default: all). ``deep=False`` checks only what needs no data
+    read: markers, and that every object is present with the size its marker records (truncation)."""
     location = Location(url, storage_options)
     report = VerifyReport(url=location.url)
     try:
@@ -577,25 +675,36 @@ def verify_store(
         report.errors.append(str(e))
         return report
     report.num_shards = manifest.num_shards
+    selected = range(manifest.num_shards) if shards is None else sorted(set(int(s) for s in shards))
     backend = _make_backend(location, manifest, writable=False)
     sizes = location.list_sizes()
-    for shard in range(manifest.num_shards):
+    for shard in selected:
+        images = range(*manifest.shard_range(shard))
+        corrupted = False
         problem = _shard_problem(location, manifest, backend, shard, sizes)
         if problem is not None:
-            report.errors.append(problem)
-            if "no completion marker" in problem:
+            report.add(problem, images)
+            if "no completion marker" in problem or not deep:
                 continue
         else:
             report.complete_shards += 1
+            if not deep:
+                continue
             marker = parse_marker(location.read_bytes(marker_key(shard)), source=marker_key(shard))
             for obj, info in sorted(marker.objects.items()):
                 actual = ObjectInfo.of(location.read_bytes(obj))
                 if actual != info:
+                    corrupted = True
                     report.errors.append(
                         f"shard {shard}: object {obj} crc32c {actual.crc32c:08x} != {info.crc32c:08x} "
                         "recorded in its marker (corrupted)"
                     )
+        found = len(report.bad_images)
         _check_shard_data(manifest, backend, shard, report)
+        if corrupted and len(report.bad_images) == found:
+            # The chunk checksums did not say which image: count the whole shard as damaged.
+            for i in images:
+                report.bad_images.setdefault(i, f"shard {shard}: corrupted (crc32c mismatch)")
     backend.close()
     for key in sorted(sizes):
         if key.endswith(TEMP_SUFFIX):
@@ -608,10 +717,12 @@ def verify_store(
 
 
 def _check_shard_data(manifest: Manifest, backend: _Backend, shard: int, report: VerifyReport) -> None:
-    """Decode every chunk of a shard; name the images that fail to decode or hold non-finite values."""
+    """Decode every chunk of a shard; name the images that fail to decode, whose arrays do not have the shape the
+    manifest gives, or that hold non-finite values."""
     start, stop = manifest.shard_range(shard)
     ids = manifest.image_ids
     H, W = manifest.max_hw
+    specs = manifest.arrays()
     for prefix in [""] + ([_FLIP] if manifest.has_flips else []):
         label = " (flipped)" if prefix else ""
         rows: list[tuple[int, dict[str, np.ndarray]]] = []
@@ -626,27 +737,44 @@ def _check_shard_data(manifest: Manifest, backend: _Backend, shard: int, report:
                 except Exception as e:
                     failures.append((i, e))
             if len(failures) == stop - start:  # e.g. an unreadable file or shard index: one line, not S
-                report.errors.append(
-                    f"shard {shard}{label}: cannot be decoded ({type(shard_error).__name__}: {shard_error})"
+                report.add(
+                    f"shard {shard}{label} (images {_ids_text(ids[start:stop])}): cannot be decoded "
+                    f"({type(shard_error).__name__}: {shard_error})",
+                    range(start, stop),
                 )
             else:
                 for i, e in failures:
-                    report.errors.append(
-                        f"shard {shard} image {i} ({ids[i]!r}){label}: cannot be decoded ({type(e).__name__}: {e})"
+                    report.add(
+                        f"shard {shard} image {i} ({ids[i]!r}){label}: cannot be decoded ({type(e).__name__}: {e})",
+                        [i],
                     )
+        if rows:
+            wrong = [
+                f"{name} {list(rows[0][1][name].shape)} {rows[0][1][name].dtype} (manifest: {list(shape)} {dtype})"
+                for name, (shape, dtype) in specs.items()
+                if name.startswith(_FLIP) == bool(prefix)
+                and (rows[0][1][name[len(prefix):]].shape != shape or rows[0][1][name[len(prefix):]].dtype != dtype)
+            ]
+            if wrong:
+                report.add(
+                    f"shard {shard}{label} (images {_ids_text(ids[start:stop])}): stored arrays do not have the "
+                    f"per-image shape the manifest gives: {'; '.join(wrong)}",
+                    range(start, stop),
+                )
+                continue
         for i, a in rows:
             where = f"shard {shard} image {i} ({ids[i]!r}){label}"
             h, w = (int(v) for v in a["feature_hw"])
             k = int(a["num_proposals"])
             if not (1 <= h <= H and 1 <= w <= W and 0 <= k <= manifest.num_proposals):
-                report.errors.append(f"{where}: feature_hw {[h, w]} / num_proposals {k} out of range")
+                report.add(f"{where}: feature_hw {[h, w]} / num_proposals {k} out of range", [i])
                 continue
             item = _unpack(manifest, ids[i], a)
             for name in ("features", "proposals", "scores", "class_logits", "box_deltas"):
                 v = getattr(item, name)
                 bad = int(v.size - np.count_nonzero(np.isfinite(v)))
                 if bad:
-                    report.errors.append(f"{where}: {bad} NaN/Inf values in {name}")
+                    report.add(f"{where}: {bad} NaN/Inf values in {name}", [i])
         report.images_checked += len(rows) if not prefix else 0
 
 

@@ -60,7 +60,7 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(size=128, train=24, pool=48, test=24, min_size=128, max_size=128, labelled=16,
-                    teacher_width=0.5, teacher_iters=30, widths=(0.125,), student_iters=12, stage2_iters=8,
+                    teacher_width=0.25, teacher_iters=20, widths=(0.125,), student_iters=12, stage2_iters=8,
                     batch_size=4, eval_every=6, eval_images=24, rois_per_image=16, anchor_sizes=(16, 32, 64),
                     proposals=50),
     "default": Budget(),

@@ -9,6 +9,9 @@ Work is organised by shard (S consecutive images): a shard is computed and writt
 leaves complete shards only and ``--resume`` redoes just the pending ones. Locally, a DataLoader decodes images in
 worker processes and a writer thread compresses and writes the previous shard while the teacher computes the next
 (bounded queue: memory stays flat). With Dask (``pipeline/distributed.py``) each task is one shard.
+
+A run that fails on bad input or a write error (disk full) says how many shards are complete; a first run that
+completed none removes the store it created, so the location is left as it was.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data import load_dataset
-from data.errors import DataError
+from data.errors import DataError, StoreError
 from data.featurestore import ImageFeatures, Manifest, create_store, open_writer
 from data.loader import DetectionImages, collate
 from data.records import Dataset, ImageRecord
@@ -150,6 +153,35 @@ def extract_shard(
     return out
 
 
+class _Failed:
+    """Stands in for a batch whose images could not be read (pickled back from a DataLoader worker)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """Input errors travel to the main process as values: an exception raised in a DataLoader worker is re-raised
+    there with the worker's traceback pasted into its message, and the user should see only the message."""
+
+    def __init__(self, images: DetectionImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        try:
+            return self.images[key]
+        except DataError as e:
+            return _Failed(str(e))
+
+
+def _collate_or_fail(items: list):
+    failed = next((it for it in items if isinstance(it, _Failed)), None)
+    return failed if failed is not None else collate(items)
+
+
 def _local_batches(
     dataset: Dataset, pre: Preprocess, shards: Sequence[int], shard_size: int, flips: Sequence[bool], cfg: ExtractConfig
 ) -> Iterator:
@@ -170,9 +202,9 @@ def _local_batches(
     if block:
         batches += [block[i : i + cfg.batch_size] for i in range(0, len(block), cfg.batch_size)]
     loader = torch.utils.data.DataLoader(
-        DetectionImages(dataset, pre),
+        _Guarded(DetectionImages(dataset, pre)),
         batch_sampler=batches,
-        collate_fn=collate,
+        collate_fn=_collate_or_fail,
         num_workers=cfg.loader_workers,
         prefetch_factor=4 if cfg.loader_workers else None,
     )
@@ -205,6 +237,8 @@ def _extract_local(
     per_flip: dict[bool, list[ImageFeatures]] = {}
     try:
         for keys, batch in _local_batches(dataset, pre, shards, manifest.shard_size, flips, cfg):
+            if isinstance(batch, _Failed):
+                raise DataError(batch.message)
             shard, flip = keys[0][0] // manifest.shard_size, keys[0][1]
             if current is not None and shard != current:
                 todo.put((current, per_flip))
@@ -231,6 +265,19 @@ def load_teacher(path: Path, device: torch.device) -> tuple[Detector, dict, str]
     return teacher, meta, file_sha256(path)
 
 
+def _what_is_kept(cfg: ExtractConfig, writer) -> str:
+    """After a failed run: drop a store this run created if it holds no complete shard (the location is left as
+    it was), else say what survives. Not with a remote scheduler, whose workers may still be writing."""
+    try:
+        if cfg.mode != "resume" and not cfg.scheduler and writer.discard_if_empty():
+            return f"nothing was kept at {cfg.out}"
+        done = writer.manifest.num_shards - len(writer.pending_shards())
+    except OSError as e:  # the location itself is unreachable: the original error says enough
+        return f"the state of {cfg.out} is unknown ({e})"
+    total = writer.manifest.num_shards
+    return f"{done} of {total} shards of {cfg.out} are complete; once fixed, rerun with --resume to finish"
+
+
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the teacher's records for every pending shard of ``cfg.out``. Returns a small summary."""
     if cfg.proposals < 1:
@@ -249,18 +296,17 @@ def run_extract(cfg: ExtractConfig) -> dict:
     )
     shards = list(writer.pending_shards())
     done_before = manifest.num_shards - len(shards)
-    if shards:
-        if cfg.workers or cfg.scheduler:
+    try:
+        if shards and (cfg.workers or cfg.scheduler):
             from pipeline.distributed import extract_on_dask
 
             writer.close()
             extract_on_dask(cfg, manifest, dataset, shards)
-        else:
-            try:
-                _extract_local(teacher, dataset, pre, manifest, writer, shards, cfg)
-            finally:
-                writer.close()
-    else:
+        elif shards:
+            _extract_local(teacher, dataset, pre, manifest, writer, shards, cfg)
+    except (DataError, StoreError) as e:
+        raise type(e)(f"{e}; {_what_is_kept(cfg, writer)}") from None
+    finally:
         writer.close()
     return {
         "store": str(cfg.out),

@@ -58,8 +58,8 @@ SAMPLERS: tuple[str, ...] = ("roialign", "native")
 # Size rule between the two exact roialign forms. The kernel form costs ~Ct·(HW)² per image and holds N·(HW)²
 # floats; pool-then-transform ~Ct·Cs·R·Ph·Pw plus torchvision roi_align over Ct + Cs channels, whatever the map
 # size. Measured on this 2-core CPU (benchmarks/mimic_loss.py, 128 regions, Cs 208, Ct 832) the kernel wins by
-# ~50x at 16x16 maps and still by ~1.3x at 38x63, where (HW)² is ~4.4 x R·Ph·Pw·Cs; the cap keeps K under 32 MB
-# per image.
+# ~45x at 16x16 maps and still by ~1.3-1.8x at 38x63, where (HW)² is ~4.4 x R·Ph·Pw·Cs; the cap keeps K under
+# 32 MB per image.
 _KERNEL_ADVANTAGE = 8.0
 _KERNEL_MAX_CELLS = 2896
 

@@ -9,6 +9,11 @@ the same image and flip: features ``float32[Ct, h, w]`` and proposals ``float32[
 pixels, scores ``[k]``, class logits ``[k, Kc]``, box deltas ``[k, 4Kc]``.
 
 A batch (:class:`MimicBatch`) holds labelled images first, then unlabelled ones (mimic only).
+
+Damaged data stops training with a StoreError (or DataError for an unreadable image) naming the store, shard and
+image, raised in the training process even when DataLoader workers hit it. :func:`check_source` runs before
+training: it finds truncated or missing shard objects at once, and with ``skip_corrupt`` decodes every shard the
+run uses and leaves the damaged images out.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.featurestore import StoreReader, open_store
+from data.errors import DataError, StoreError
+from data.featurestore import StoreReader, open_store, verify_store
 from data.loader import Batch, DetectionImages, IterationSampler, mix_seeds, collate
 from data.records import Dataset
 
@@ -50,7 +56,21 @@ class MimicImages(torch.utils.data.Dataset):
         item = self.images[source][(index, flip)]
         item["iteration"] = iteration
         _, store = self.sources[source]
-        rec = store.read(int(self._store_index[source][index]), flip=flip)
+        store_index = int(self._store_index[source][index])
+        rec = store.read(store_index, flip=flip)
+        where = (
+            f"{store.url}: shard {store.shard_of(store_index)} image {store_index} ({rec.image_id!r})"
+            + (" (flipped)" if flip else "")
+        )
+        if rec.features.shape[0] != store.manifest.channels:  # the transform r is sized from the manifest
+            raise StoreError(
+                f"{where}: stored features have {rec.features.shape[0]} channels, the manifest says "
+                f"{store.manifest.channels}"
+            )
+        for name in ("features", "proposals", "scores", "class_logits", "box_deltas"):
+            bad = int(np.size(getattr(rec, name)) - np.count_nonzero(np.isfinite(getattr(rec, name))))
+            if bad:  # the teacher wrote NaN/Inf (checksums cannot catch that); training on it would poison the run
+                raise StoreError(f"{where}: {bad} NaN/Inf values in {name}")
         item["teacher"] = {
             "features": torch.from_numpy(rec.features),
             "proposals": torch.from_numpy(rec.proposals),
@@ -157,15 +177,62 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """A batch whose data could not be read, carried back from a DataLoader worker as a value: an exception raised
+    in a worker is re-raised with the worker's traceback pasted into its message."""
+
+    kind: str  # "store" | "data"
+    message: str
+
+    def error(self) -> Exception:
+        hint = (
+            "; --skip-corrupt trains without the damaged images (`mimic verify-store` lists them)"
+            if self.kind == "store" else ""
+        )
+        return (StoreError if self.kind == "store" else DataError)(self.message + hint)
+
+
+class _Guarded(torch.utils.data.Dataset):
+    def __init__(self, images: MimicImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: MixedKey):
+        try:
+            return self.images[key]
+        except StoreError as e:
+            return LoadFailure("store", str(e))
+        except DataError as e:
+            return LoadFailure("data", str(e))
+
+
+def _collate_or_fail(items: list, *, size_divisor: int):
+    failed = next((it for it in items if isinstance(it, LoadFailure)), None)
+    return failed if failed is not None else collate_mimic(items, size_divisor=size_divisor)
+
+
+class _MimicLoader(DataLoader):
+    """Raises a batch's LoadFailure in the training process, with the message alone."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, LoadFailure):
+                raise batch.error()
+            yield batch
+
+
 def make_mimic_loader(
     dataset: MimicImages, sampler, *, num_workers: int = 2, prefetch_factor: int = 4
 ) -> DataLoader:
     size_divisor = dataset.images[0].size_divisor
-    return DataLoader(
-        dataset,
+    return _MimicLoader(
+        _Guarded(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=functools.partial(collate_mimic, size_divisor=size_divisor),
+        collate_fn=functools.partial(_collate_or_fail, size_divisor=size_divisor),
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
@@ -190,7 +257,53 @@ def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | Non
             f"{store_url}: store is incomplete ({done}/{store.manifest.num_shards} shards); "
             "finish it with `mimic extract-teacher ... --resume`"
         )
+    m = store.manifest
+    if len(dataset) == m.num_images:  # the same images (ids checked above): sizes and order must match too
+        ordered = replace(dataset, records=tuple(sorted(dataset.records, key=lambda r: store.index_of(r.image_id))))
+        if ordered.digest() != m.dataset_digest:
+            raise StoreError(
+                f"{store_url}: store was made from another dataset: its dataset.digest {m.dataset_digest[:16]}... "
+                f"!= {ordered.digest()[:16]}... of {dataset.name}/{dataset.split} (same image ids, other image sizes; "
+                "extract the teacher on this dataset)"
+            )
     return store
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    store: str
+    image_id: str
+    problem: str
+
+
+def check_source(
+    store: StoreReader, dataset: Dataset, *, skip_corrupt: bool, storage_options: dict | None = None
+) -> tuple[Dataset, list[SkippedImage]]:
+    """Verify the shards of ``store`` that ``dataset``'s images live in, before training on them.
+
+    Without ``skip_corrupt``: markers and object sizes only (no data read; finds truncated or missing objects
+    and edited markers), raising StoreError naming the shard and image; damaged contents are found when read.
+    With it: also every checksum, decode and NaN/Inf check (one read of those shards), and the damaged images
+    are dropped. Returns the dataset to train on and what was skipped."""
+    index = [store.index_of(r.image_id) for r in dataset.records]
+    shards = sorted({store.shard_of(i) for i in index})
+    report = verify_store(store.url, shards=shards, deep=skip_corrupt, storage_options=storage_options or None)
+    if report.errors and not report.bad_images:
+        raise StoreError(f"{store.url}: {report.errors[0]}")
+    hits = [k for k, i in enumerate(index) if i in report.bad_images]
+    if not hits:
+        return dataset, []
+    first = f"{dataset.records[hits[0]].image_id!r} ({report.bad_images[index[hits[0]]]})"
+    if not skip_corrupt:
+        raise StoreError(
+            f"{store.url}: {len(hits)} of the {len(dataset)} images to train on are damaged, first {first}; "
+            "--skip-corrupt trains without them (`mimic verify-store` lists them)"
+        )
+    if len(hits) == len(dataset):
+        raise StoreError(f"{store.url}: every one of the {len(dataset)} images to train on is damaged, first {first}")
+    skipped = [SkippedImage(store.url, dataset.records[k].image_id, report.bad_images[index[k]]) for k in hits]
+    drop = set(hits)
+    return dataset.subset([k for k in range(len(dataset)) if k not in drop]), skipped
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -18,6 +18,7 @@ The teacher is never imported here (see student/stream.py): only its stored reco
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +44,7 @@ from detection.trainer import (
     Trainer,
 )
 from student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss
-from student.stream import MimicImages, MixedSampler, make_mimic_loader, open_source
+from student.stream import MimicImages, MixedSampler, check_source, make_mimic_loader, open_source
 
 STRATEGIES = ("roi", "map", "logits", "none")
 SAMPLERS = ("roialign", "native")
@@ -92,6 +93,7 @@ class StudentConfig:
     eval_split: str | None = None
     eval_max_images: int | None = None
     overwrite: bool = False
+    skip_corrupt: bool = False  # verify the shards used before training and leave damaged images out
     progress: bool = True
     storage_options: dict = field(default_factory=dict)
 
@@ -110,6 +112,16 @@ class StudentConfig:
             raise ValueError(f"--unlabeled-fraction must be in [0, 1), got {self.unlabeled_fraction}")
         if self.rois_per_image < 1:
             raise ValueError(f"--rois-per-image must be >= 1, got {self.rois_per_image}")
+        if self.init is not None and self.stage == 1:
+            raise ValueError(f"--init {self.init} starts stage 2 from a stage-1 student; add --stage 2")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("mimic_weight", "logits_weight"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.eval_every and not self.eval_split:
+            raise ValueError("--eval-every needs --eval-split: the split to evaluate on")
 
     @property
     def input_scale(self) -> float:
@@ -253,8 +265,9 @@ def check_out_dir(cfg: StudentConfig) -> None:
             shutil.rmtree(cfg.out)
         else:
             theirs = json.loads(cfg_path.read_text())
+            # skip_corrupt may change between runs: a run stopped by a damaged image resumes with it.
             keys = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every",
-                    "eval_every", "eval_max_images")
+                    "eval_every", "eval_max_images", "skip_corrupt")
             diff = {k for k in set(mine) | set(theirs) if k not in keys and mine.get(k) != theirs.get(k)}
             if diff:
                 raise FileExistsError(
@@ -271,12 +284,33 @@ def _preprocess_of(store: StoreReader) -> Preprocess:
     return Preprocess.from_dict(dict(store.manifest.preprocess))
 
 
+class _StudentTrainer(Trainer):
+    def resume(self) -> int:
+        # A run folder's checkpoint that cannot be loaded (damaged, not ours, or a pickle that weights-only
+        # loading refuses) is a user-fixable input error, not a crash.
+        try:
+            return super().resume()
+        except (ValueError, FileExistsError):
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(
+                f"{self.checkpoint_path}: cannot resume from this checkpoint ({type(e).__name__}: {first}); "
+                "remove it, or use --overwrite to start the run again"
+            ) from None
+
+
 def run_train_student(cfg: StudentConfig) -> dict:
-    """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary."""
+    """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary.
+    Everything is checked before the run folder is touched; ``summary["skipped_images"]`` lists the damaged
+    images left out (``--skip-corrupt``)."""
     # The teacher fixed the class order (label k+1 <-> classes[k]); read the data with the store's classes.
     classes = open_store(cfg.store, storage_options=cfg.storage_options or None).manifest.classes
-    dataset = _labelled_subset(load_dataset(cfg.data, cfg.split, classes=list(classes) or None), cfg)
-    store = open_source(cfg.store, dataset, storage_options=cfg.storage_options)
+    full = load_dataset(cfg.data, cfg.split, classes=list(classes) or None)
+    store = open_source(cfg.store, full, storage_options=cfg.storage_options)
+    dataset, skipped = check_source(
+        store, _labelled_subset(full, cfg), skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
+    )
     manifest = store.manifest
     store.check_compatible(classes=dataset.classes)
     pre = _preprocess_of(store)
@@ -303,6 +337,10 @@ def run_train_student(cfg: StudentConfig) -> dict:
         unl_store.check_compatible(preprocess=pre, stride=manifest.stride, channels=manifest.channels)
         if flip and not unl_store.manifest.has_flips:
             raise StoreError(f"{cfg.unlabeled}: has no flipped records but {cfg.store} does; extract both alike")
+        unl, unl_skipped = check_source(
+            unl_store, unl, skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
+        )
+        skipped += unl_skipped
         sources.append((unl, unl_store))
         images.append(DetectionImages(unl, pre, scale=cfg.input_scale))
         n_unl = len(unl)
@@ -318,6 +356,28 @@ def run_train_student(cfg: StudentConfig) -> dict:
         )
     transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=manifest.channels) if cfg.feature_mimic else None
     model = StudentModel(student, transform, cfg, manifest.stride)
+
+    meta = _student_meta(cfg, dataset, manifest, pre)
+    train_cfg = TrainConfig(
+        iters=cfg.iters,
+        optim=OptimConfig(
+            lr=cfg.lr, warmup_iters=min(cfg.warmup_iters, max(1, cfg.iters // 5)), schedule=cfg.schedule,
+            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        ),
+        batch_size=cfg.batch_size,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+    hooks = [CheckpointHook(cfg.checkpoint_every), MetricsLogHook(cfg.log_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
+    if cfg.eval_every and cfg.eval_split:
+        hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
+    # Built once here so a batch composition it refuses is refused before the run folder is touched.
+    MixedSampler(len(dataset), n_unl, cfg.batch_size, unlabelled_fraction=cfg.unlabeled_fraction, seed=cfg.seed)
+    if skipped:
+        shown = ", ".join(repr(k.image_id) for k in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        warnings.warn(f"--skip-corrupt: left out {len(skipped)} damaged image(s): {shown}", stacklevel=2)
 
     rank, world = _dist_rank_world()
     if world > 1:
@@ -341,27 +401,11 @@ def run_train_student(cfg: StudentConfig) -> dict:
             sampler = RankShare(sampler, rank, world)
         return iter(make_mimic_loader(mimic_images, sampler, num_workers=cfg.workers))
 
-    meta = _student_meta(cfg, dataset, manifest, pre)
-    train_cfg = TrainConfig(
-        iters=cfg.iters,
-        optim=OptimConfig(
-            lr=cfg.lr, warmup_iters=min(cfg.warmup_iters, max(1, cfg.iters // 5)), schedule=cfg.schedule,
-            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        ),
-        batch_size=cfg.batch_size,
-        checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
-    hooks = [CheckpointHook(cfg.checkpoint_every), MetricsLogHook(cfg.log_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
-    if cfg.eval_every and cfg.eval_split:
-        hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
     if world > 1:
         # Only rank 0 writes checkpoints, logs and evaluations; every rank resumes from its checkpoint.
         hooks = hooks if rank == 0 else []
         model = _wrap_ddp(model, cfg.device)
-    trainer = Trainer(
+    trainer = _StudentTrainer(
         model=model,
         config=train_cfg,
         loss_fn=lambda m, b: m(b.to(trainer.device)),
@@ -383,6 +427,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
             dist.destroy_process_group()
     summary["model"] = str(cfg.out / "model.pt")
     summary["world_size"] = world
+    summary["skipped_images"] = [asdict(k) for k in skipped]
     return summary
 
 
