@@ -93,7 +93,7 @@ class DetectorConfig:
 @dataclass
 class DetectorOutputs:
     features: Tensor  # [N, C, h, w]: the map the mimic loss reads (after the x2 deconv when upsample=True)
-    proposals: list[Tensor]  # per image [R_i, 4] input pixels, sorted by score (the RPN's)
+    proposals: list[Tensor]  # per image [R_i, 4] input pixels, sorted by score (the RPN's); empty when training without a head
     proposal_scores: list[Tensor]  # per image [R_i] objectness (sigmoid)
     class_logits: Tensor | None  # [sum R'_i, K] on head_proposals; None when head="none"
     box_deltas: Tensor | None  # [sum R'_i, 4K]
@@ -210,7 +210,9 @@ class Detector(nn.Module):
             _check_targets(targets, len(image_sizes), self.config.num_classes)
         if proposals is not None:
             _check_proposals(proposals, len(image_sizes))
-        rpn_boxes, rpn_scores, losses = self.rpn(features, image_sizes, targets)
+        # Training without a head needs only the RPN losses, not its proposals.
+        need_proposals = self.head is not None or not self.training
+        rpn_boxes, rpn_scores, losses = self.rpn(features, image_sizes, targets, need_proposals=need_proposals)
         logits = deltas = head_props = head_labels = None
         if self.head is not None:
             head_in = proposals if proposals is not None else rpn_boxes

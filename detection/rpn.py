@@ -128,7 +128,11 @@ class RPN(RegionProposalNetwork):
         features: Tensor,
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
+        *,
+        need_proposals: bool = True,
     ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        """``need_proposals=False`` skips decoding, top-N and NMS (empty proposal lists): a stage-1 student
+        trains on the losses alone, and proposal filtering was about a fifth of its step."""
         if self.training and targets is None:
             raise ValueError("RPN in training mode needs targets (per image {'boxes', 'labels'})")
         # Anchors depend only on the grid and the fixed stride; the ImageList carries the image sizes.
@@ -139,8 +143,11 @@ class RPN(RegionProposalNetwork):
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
         # Proposals do not backprop into the RPN's regression (Faster R-CNN's approximate joint training).
-        proposals = self.box_coder.decode(deltas.detach().to(anchors[0].dtype), anchors).view(num_images, -1, 4)
-        boxes, scores = self.filter_proposals(proposals, objectness, image_list.image_sizes, num_anchors_per_level)
+        boxes: list[Tensor] = []
+        scores: list[Tensor] = []
+        if need_proposals:
+            proposals = self.box_coder.decode(deltas.detach().to(anchors[0].dtype), anchors).view(num_images, -1, 4)
+            boxes, scores = self.filter_proposals(proposals, objectness, image_list.image_sizes, num_anchors_per_level)
 
         losses: dict[str, Tensor] = {}
         if targets is not None:

@@ -186,11 +186,10 @@ class LoadFailure:
     message: str
 
     def error(self) -> Exception:
-        hint = (
-            "; --skip-corrupt trains without the damaged images (`mimic verify-store` lists them)"
-            if self.kind == "store" else ""
-        )
-        return (StoreError if self.kind == "store" else DataError)(self.message + hint)
+        if self.kind == "data":
+            return DataError(self.message)
+        listed = "" if "verify-store" in self.message else " (`mimic verify-store` lists them)"
+        return StoreError(f"{self.message}; --skip-corrupt trains without the damaged images{listed}")
 
 
 class _Guarded(torch.utils.data.Dataset):

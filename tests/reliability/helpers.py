@@ -34,7 +34,7 @@ def train_args(world: Path, store: Path | str, out: Path, *extra) -> list:
 
 
 def cli(*args) -> Result:
-    """`mimic ARGS` in this process (fast); the result keeps stdout and stderr apart."""
+    """`mimic ARGS` in this process (fast)."""
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -45,7 +45,7 @@ def cli_subprocess(*args, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def assert_refused(result: Result, code: int, *patterns: str) -> str:
     """A handled refusal: the exit code, no traceback, and every regex pattern found in the message."""
-    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    text = result.output  # what a terminal shows: stdout and stderr interleaved
     assert result.exit_code == code, f"exit {result.exit_code}, wanted {code}:\n{text}\n{result.exception!r}"
     # An exception that escaped the CLI also exits 1 under CliRunner: only SystemExit is a handled refusal.
     assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}\n{text}"

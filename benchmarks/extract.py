@@ -1,0 +1,519 @@
+"""extract-teacher against its targets: throughput, bytes per image, store read rate, memory.
+
+1. Throughput: ``run_extract`` (zarr, float16, batch 8, 2 DataLoader workers, the defaults of
+   ``mimic extract-teacher``) against the bare teacher pass (``teacher_pass`` on batches decoded and
+   preprocessed beforehand, in memory) over the same N images, in interleaved pairs (order alternates, so load
+   drift hits both alike). Target: extract >= 0.9x bare. Reported: images/s, CPU ms per image (this process and
+   its DataLoader workers) and the per-pair ratio; medians. The fixed cost of a run (loading the teacher, forking
+   workers, the last shard's write, which nothing can overlap) is measured as a one-batch extraction minus one
+   bare batch and also reported as the steady-state ratio, N / (extract seconds - fixed seconds).
+2. Storage: bytes per image and the ratio to raw float32 (``inspect_store``: the real map C*h*w plus the k
+   proposals' rows) for zarr and HDF5, float16 and int8; per-array bytes (zarr); int8 reconstruction error
+   against the teacher's float32 maps. Target: int8 >= 8x. A codec study on the same maps (numcodecs directly)
+   shows what other codecs and an unsigned 8-bit code would give, and the order-0 entropy of the int8 codes.
+3. Read rate: the student's loader (``MimicImages`` + ``make_mimic_loader``, 2 workers: image decode plus store
+   read) and a bare ``StoreReader.read`` DataLoader (2 workers), against the student's training step rate
+   (``StudentModel`` forward + backward + SGD step, width 1/4, stage 1, roi mimic, batch 8, on batches held in
+   memory). Target: loader >= 5x what the student consumes.
+4. Memory: peak RSS of ``run_extract`` over N and 10N images (fresh process each; 128x128 images, width-1/4
+   teacher), main process and largest DataLoader worker.
+
+Images are the built-in synthetic dataset (256x256; 128x128 for memory). The teacher is a trained one when
+given (``--teacher``) or found under ``runs/`` (``model.pt`` with teacher meta and the synthetic classes); else
+an untrained width-1 detector whose batch-norm statistics are calibrated by train-mode passes on the raccoon
+photos (so its maps have the scale and ReLU sparsity of a real network, not a trained one's distribution).
+
+    .venv/bin/python benchmarks/extract.py            # about 5 minutes on an idle 2-core machine
+    .venv/bin/python benchmarks/extract.py --quick    # about 2 minutes
+writes benchmarks/results/extract.json (or --out) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data import load_dataset  # noqa: E402
+from data.featurestore import inspect_store, open_store, quantise_int8  # noqa: E402
+from data.loader import DetectionImages, collate  # noqa: E402
+from data.synthetic import CLASSES, SyntheticConfig, ensure_dataset  # noqa: E402
+from data.transforms import Preprocess  # noqa: E402
+from detection.detector import DetectorConfig, build_detector, load_detector, save_detector  # noqa: E402
+from pipeline.extract import ExtractConfig, load_teacher, run_extract, teacher_pass  # noqa: E402
+
+RACCOON = REPO / ".." / "shared" / "data" / "raccoon"
+RESULT = REPO / "benchmarks" / "results" / "extract.json"
+BATCH = 8
+SHARD = 32  # several shards per throughput run, so the writer overlaps the teacher
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    throughput_images: int
+    pairs: int
+    storage_images: int
+    read_batches: int
+    student_iters: int
+    memory_images: int  # N; the large run is 10N
+    memory_side: int = 128
+
+
+DEFAULT = Sizes(throughput_images=96, pairs=3, storage_images=32, read_batches=24, student_iters=8, memory_images=200)
+QUICK = Sizes(throughput_images=48, pairs=2, storage_images=16, read_batches=12, student_iters=4, memory_images=50)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def write_split(root: Path, name: str, n: int) -> str:
+    """A VOC split file holding the first n train images, so every run reads a prefix of one dataset."""
+    ids = (root / "ImageSets" / "Main" / "train.txt").read_text().split()
+    if len(ids) < n:
+        raise SystemExit(f"{root}: needs {n} train images, has {len(ids)}")
+    (root / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids[:n]))
+    return name
+
+
+def synthetic(work: Path, n: int, side: int) -> Path:
+    return ensure_dataset(
+        SyntheticConfig(out=work / f"synthetic{side}", train=n, test=0, size=side, workers=1, progress=False),
+        echo=lambda _: None,
+    )
+
+
+def find_trained_teacher() -> Path | None:
+    """A `train-teacher` checkpoint under runs/ made for the synthetic classes (newest first)."""
+    for path in sorted((REPO / "runs").glob("**/model.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            _, meta = load_detector(path)
+        except Exception:  # noqa: BLE001 - not a detector checkpoint: keep looking
+            continue
+        if tuple(meta.get("classes", ())) == CLASSES and "preprocess" in meta and meta.get("role") != "student":
+            return path
+    return None
+
+
+def calibrated_teacher(path: Path, *, width: float, side: int) -> Path:
+    """Untrained detector with batch-norm statistics from train-mode passes on real photos (raccoon)."""
+    torch.manual_seed(0)
+    pre = Preprocess(min_size=side, max_size=side)
+    model = build_detector(DetectorConfig(num_classes=len(CLASSES) + 1, width=width))
+    photos = DetectionImages(load_dataset(RACCOON, "train"), pre)
+    with torch.no_grad():
+        model.backbone.train()
+        for k in range(3):
+            model.backbone(collate([photos[(i, False)] for i in range(8 * k, 8 * k + 8)]).images)
+    model.eval()
+    save_detector(path, model, {"role": "teacher", "classes": list(CLASSES), "preprocess": pre.to_dict(),
+                                "note": "untrained; batch-norm statistics calibrated on raccoon photos"})
+    return path
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for children (DataLoader workers, once they exit)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    c, t = cpu_seconds(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t, cpu_seconds() - c
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+# ---------------------------------------------------------------------------------------------- 1. throughput
+
+
+def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> tuple[dict, list[np.ndarray]]:
+    n = sizes.throughput_images
+    split, one = write_split(data, f"first{n}", n), write_split(data, "first8", BATCH)
+    teacher, meta, _ = load_teacher(teacher_path, CPU)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    images = DetectionImages(load_dataset(data, split, classes=list(CLASSES)), pre)
+    batches = [collate([images[(i, False)] for i in range(s, min(s + BATCH, n))]) for s in range(0, n, BATCH)]
+
+    def bare(count: int = len(batches)) -> None:
+        for b in batches[:count]:
+            teacher_pass(teacher, b.images, b.image_sizes, top_k=300, device=CPU)
+
+    def extract(split_name: str) -> None:
+        run_extract(ExtractConfig(teacher=teacher_path, data=data, split=split_name,
+                                  out=str(work / f"tp-store-{split_name}"), shard_size=SHARD, batch_size=BATCH,
+                                  mode="overwrite", progress=False, device="cpu"))
+
+    # The teacher's float32 maps of the first images (the reference for the int8 error); also the warm-up.
+    reference: list[np.ndarray] = []
+    for b in batches[: -(-sizes.storage_images // BATCH)]:
+        outs = teacher_pass(teacher, b.images, b.image_sizes, top_k=300, device=CPU)
+        reference += [o["features"].numpy().copy() for o in outs]
+    pairs = []
+    for rep in range(sizes.pairs):
+        order = ("bare", "extract") if rep % 2 == 0 else ("extract", "bare")
+        row: dict = {}
+        for what in order:
+            wall, cpu = timed(bare if what == "bare" else lambda: extract(split))
+            row[what] = {"s": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
+        fixed_ext, _ = timed(lambda: extract(one))
+        fixed_bare, _ = timed(lambda: bare(1))
+        row["fixed_s"] = fixed_ext - fixed_bare
+        row["ratio"] = row["extract"]["images_per_s"] / row["bare"]["images_per_s"]
+        row["steady_ratio"] = (n / (row["extract"]["s"] - row["fixed_s"])) / row["bare"]["images_per_s"]
+        row["load_avg_1min"] = os.getloadavg()[0]
+        pairs.append(row)
+        print(f"  pair {rep}: bare {row['bare']['images_per_s']:.2f} img/s, extract "
+              f"{row['extract']['images_per_s']:.2f} img/s, ratio {row['ratio']:.3f} "
+              f"(steady {row['steady_ratio']:.3f}, fixed {row['fixed_s']:.2f} s), load {row['load_avg_1min']:.1f}",
+              flush=True)
+    out = {
+        "images": n, "batch_size": BATCH, "shard_size": SHARD, "dtype": "float16", "backend": "zarr",
+        "loader_workers": ExtractConfig.loader_workers, "pairs": pairs,
+        "median": {
+            "bare_images_per_s": median(p["bare"]["images_per_s"] for p in pairs),
+            "extract_images_per_s": median(p["extract"]["images_per_s"] for p in pairs),
+            "bare_cpu_ms_per_image": median(p["bare"]["cpu_ms_per_image"] for p in pairs),
+            "extract_cpu_ms_per_image": median(p["extract"]["cpu_ms_per_image"] for p in pairs),
+            "ratio": median(p["ratio"] for p in pairs),
+            "steady_ratio": median(p["steady_ratio"] for p in pairs),
+            "fixed_s": median(p["fixed_s"] for p in pairs),
+        },
+        "target": ">= 0.9",
+    }
+    return out, reference
+
+
+# ---------------------------------------------------------------------------------------------- 2. storage
+
+
+def array_bytes(url: Path, images: int) -> dict[str, float]:
+    """Bytes per image of each zarr array, from the completion markers (one object per array and shard)."""
+    total: dict[str, int] = {}
+    for marker in (url / "_complete").glob("*.json"):
+        for key, info in json.loads(marker.read_text())["objects"].items():
+            name = key.split("/c/")[0]
+            total[name] = total.get(name, 0) + info["size"]
+    return {k: v / images for k, v in sorted(total.items())}
+
+
+def storage(teacher_path: Path, data: Path, work: Path, sizes: Sizes, reference: list[np.ndarray]) -> dict:
+    n = sizes.storage_images
+    split = write_split(data, f"first{n}", n)
+    stores = []
+    for backend in ("zarr", "hdf5"):
+        for dtype in ("float16", "int8"):
+            url = work / f"store-{backend}-{dtype}"
+            wall, _ = timed(lambda: run_extract(ExtractConfig(
+                teacher=teacher_path, data=data, split=split, out=str(url), backend=backend, dtype=dtype,
+                shard_size=16, batch_size=BATCH, mode="overwrite", progress=False, device="cpu")))
+            info = inspect_store(url)
+            reader = open_store(url)
+            got = [reader.read(i).features for i in range(n)]
+            err = [g - r for g, r in zip(got, reference)]
+            row = {
+                "backend": backend, "dtype": dtype, "images": n,
+                "bytes_per_image": info["bytes_per_image"],
+                "raw_float32_bytes_per_image": info["raw_float32_bytes"] / n,
+                "compression_ratio_vs_float32": info["compression_ratio"],
+                "max_abs_error": float(max(np.abs(e).max() for e in err)),
+                "relative_rms_error": float(np.sqrt(sum((e**2).sum() for e in err) / sum((r**2).sum() for r in reference))),
+                "extract_s": wall,
+            }
+            if backend == "zarr":
+                row["bytes_per_image_by_array"] = array_bytes(url, n)
+            stores.append(row)
+            print(f"  {backend} {dtype}: {row['bytes_per_image'] / 1024:.1f} KiB/image, "
+                  f"{row['compression_ratio_vs_float32']:.2f}x, max |err| {row['max_abs_error']:.4f}", flush=True)
+    maps = np.stack(reference[:n])
+    return {"stores": stores, "map": {"shape": list(maps.shape[1:]), "zero_fraction": float((maps == 0).mean()),
+                                      "negative_fraction": float((maps < 0).mean())},
+            "codec_study": codec_study(maps[: min(8, n)]), "target": "int8 >= 8x"}
+
+
+def quantise_uint8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What-if: unsigned per-channel code for non-negative (ReLU) maps, q = round(x / (max / 255))."""
+    amax = x.reshape(len(x), -1).max(axis=1)
+    scale = np.where(amax > 0, amax / 255.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(x / scale[:, None, None]), 0, 255).astype(np.uint8), scale
+
+
+def codec_study(maps: np.ndarray) -> dict:
+    """Feature-map bytes only (per image, one chunk per image as in the store) under other codecs."""
+    from numcodecs import LZMA, Blosc, Zlib, Zstd
+
+    codes = {
+        "float16": [m.astype(np.float16) for m in maps],
+        "int8": [quantise_int8(m)[0] for m in maps],
+        "uint8 (what-if)": [quantise_uint8(m)[0] for m in maps],
+    }
+    codecs = {
+        "zstd-1": Zstd(1), "zstd-3 (store)": Zstd(3), "zstd-9": Zstd(9), "zstd-19": Zstd(19),
+        "blosc-zstd-3 byte shuffle": Blosc("zstd", 3, Blosc.SHUFFLE),
+        "blosc-zstd-3 bit shuffle": Blosc("zstd", 3, Blosc.BITSHUFFLE),
+        "gzip-4 (hdf5)": Zlib(4), "lzma-6": LZMA(preset=6),
+    }
+    raw = maps[0].size * 4
+    rows = []
+    for kind, arrays in codes.items():
+        for name, codec in codecs.items():
+            t = time.process_time()
+            encoded = [codec.encode(np.ascontiguousarray(a)) for a in arrays]
+            enc_ms = 1e3 * (time.process_time() - t) / len(arrays)
+            t = time.process_time()
+            for e in encoded:
+                codec.decode(e)
+            dec_ms = 1e3 * (time.process_time() - t) / len(arrays)
+            size = float(np.mean([len(e) for e in encoded]))
+            rows.append({"code": kind, "codec": name, "feature_bytes_per_image": size, "ratio_vs_float32": raw / size,
+                         "encode_ms": enc_ms, "decode_ms": dec_ms})
+    errors = {}
+    for kind, fn in (("int8", quantise_int8), ("uint8 (what-if)", quantise_uint8)):
+        e = [fn(m)[0].astype(np.float32) * fn(m)[1][:, None, None] - m for m in maps]
+        errors[kind] = {"max_abs": float(max(np.abs(x).max() for x in e)),
+                        "relative_rms": float(np.sqrt(sum((x**2).sum() for x in e) / (maps**2).sum()))}
+    q = np.stack(codes["int8"])
+    _, counts = np.unique(q, return_counts=True)
+    p = counts / counts.sum()
+    bits = float(-(p * np.log2(p)).sum())
+    return {"raw_float32_feature_bytes_per_image": raw, "images": len(maps), "rows": rows, "errors": errors,
+            "int8_order0_entropy_bits_per_value": bits, "int8_order0_entropy_ratio_vs_float32": 32 / bits}
+
+
+# ---------------------------------------------------------------------------------------------- 3. read rate
+
+
+def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
+    from student.stream import MimicImages, MixedSampler, make_mimic_loader, open_source
+    from student.mimic import MimicTransform
+    from student.train import StudentConfig, StudentModel, build_student
+
+    dataset = load_dataset(data, split, classes=list(CLASSES))
+    store = open_source(str(store_url), dataset)
+    pre = Preprocess.from_dict(dict(store.manifest.preprocess))
+    mimic = MimicImages([(dataset, store)], [DetectionImages(dataset, pre)])
+
+    def loader_rate(workers: int) -> float:
+        loader = make_mimic_loader(mimic, MixedSampler(len(dataset), 0, BATCH, unlabelled_fraction=0.0, seed=0),
+                                   num_workers=workers)
+        it = iter(loader)
+        next(it)  # worker start-up is not a steady-state cost
+        t = time.perf_counter()
+        for _ in range(sizes.read_batches):
+            next(it)
+        rate = sizes.read_batches * BATCH / (time.perf_counter() - t)
+        del it, loader
+        return rate
+
+    class Features(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(store)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.from_numpy(store.read(i).features)
+
+    def store_rate() -> float:
+        loader = torch.utils.data.DataLoader(Features(), batch_size=BATCH, shuffle=True, num_workers=2,
+                                             generator=torch.Generator().manual_seed(0))
+        count, t = 0, None
+        for epoch in range(100):
+            for b in loader:
+                if t is None:
+                    t = time.perf_counter()  # from the first batch on: worker start-up excluded
+                    continue
+                count += len(b)
+                if count >= sizes.read_batches * BATCH:
+                    return count / (time.perf_counter() - t)
+        return count / (time.perf_counter() - t)
+
+    cfg = StudentConfig(store=str(store_url), data=data, out=Path("unused"), split=split, width=0.25, stage=1,
+                        mimic="roi", batch_size=BATCH)
+    torch.manual_seed(0)
+    student = build_student(cfg, dataset.classes)
+    transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=store.manifest.channels)
+    model = StudentModel(student, transform, cfg, store.manifest.stride).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    it = iter(make_mimic_loader(mimic, MixedSampler(len(dataset), 0, BATCH, unlabelled_fraction=0.0, seed=0),
+                                num_workers=0))
+    held = [next(it) for _ in range(2)]
+
+    def student_rate() -> float:
+        def step(mb) -> None:
+            losses = model(mb)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+
+        step(held[0])  # warm-up
+        t = time.perf_counter()
+        for k in range(sizes.student_iters):
+            step(held[k % len(held)])
+        return sizes.student_iters * BATCH / (time.perf_counter() - t)
+
+    rounds = []
+    for _ in range(2):  # alternate, so load drift hits both
+        rounds.append({"student_images_per_s": student_rate(), "mimic_loader_images_per_s": loader_rate(2),
+                       "store_read_images_per_s": store_rate()})
+    med = {k: median(r[k] for r in rounds) for k in rounds[0]}
+    med["mimic_loader_over_student"] = med["mimic_loader_images_per_s"] / med["student_images_per_s"]
+    med["store_read_over_student"] = med["store_read_images_per_s"] / med["student_images_per_s"]
+    med["student_s_per_iter"] = BATCH / med["student_images_per_s"]
+    print(f"  student {med['student_images_per_s']:.1f} img/s; mimic loader {med['mimic_loader_images_per_s']:.1f} "
+          f"img/s ({med['mimic_loader_over_student']:.1f}x); store read {med['store_read_images_per_s']:.1f} img/s "
+          f"({med['store_read_over_student']:.1f}x)", flush=True)
+    return {"store": {"backend": "zarr", "dtype": store.manifest.dtype, "channels": store.manifest.channels,
+                      "max_hw": list(store.manifest.max_hw), "images": len(store)},
+            "loader_workers": 2, "student": {"width": 0.25, "stage": 1, "mimic": "roi", "batch_size": BATCH,
+                                            "side_px": pre.min_size, "step": "StudentModel forward+backward+SGD"},
+            "rounds": rounds, "median": med, "target": "loader >= 5x student"}
+
+
+# ---------------------------------------------------------------------------------------------- 4. memory
+
+
+def memory_child(teacher: Path, data: Path, split: str, out: Path) -> dict:
+    t = time.perf_counter()
+    summary = run_extract(ExtractConfig(teacher=teacher, data=data, split=split, out=str(out), mode="overwrite",
+                                        progress=False, device="cpu"))
+    seconds = time.perf_counter() - t
+    return {"images": summary["images"], "shards": summary["shards"], "seconds": seconds,
+            "images_per_s": summary["images"] / seconds,
+            "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_largest_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def memory(work: Path, sizes: Sizes) -> dict:
+    side, small = sizes.memory_side, sizes.memory_images
+    data = synthetic(work, 10 * small, side)
+    teacher = calibrated_teacher(work / f"teacher-w025-{side}.pt", width=0.25, side=side)
+    runs = []
+    for n in (small, 10 * small):
+        split = write_split(data, f"first{n}", n)
+        r = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(teacher), str(data), split, str(work / "mem-store")],
+            capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+        if r.returncode != 0:
+            raise SystemExit(f"memory run of {n} images failed:\n{r.stderr[-3000:]}")
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"  {n} images: peak RSS main {runs[-1]['peak_rss_main_mib']:.0f} MiB, largest worker "
+              f"{runs[-1]['peak_rss_largest_worker_mib']:.0f} MiB, {runs[-1]['images_per_s']:.0f} img/s", flush=True)
+    return {"side_px": side, "teacher_width": 0.25, "shard_size": ExtractConfig.shard_size,
+            "loader_workers": ExtractConfig.loader_workers, "runs": runs,
+            "main_growth": runs[1]["peak_rss_main_mib"] / runs[0]["peak_rss_main_mib"] - 1,
+            "worker_growth": runs[1]["peak_rss_largest_worker_mib"] / runs[0]["peak_rss_largest_worker_mib"] - 1}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def table(r: dict) -> str:
+    tp, st, rd, mem = r["throughput"], r["storage"], r["read"], r["memory"]
+    m = tp["median"]
+    lines = [
+        "| measure | figure | target |",
+        "| --- | --- | --- |",
+        f"| extract vs bare teacher, {tp['images']} images (median of {len(tp['pairs'])} pairs) | "
+        f"{m['extract_images_per_s']:.2f} vs {m['bare_images_per_s']:.2f} img/s, ratio {m['ratio']:.3f} "
+        f"(steady state {m['steady_ratio']:.3f}; fixed cost {m['fixed_s']:.2f} s) | >= 0.9 |",
+        f"| CPU per image, extract vs bare | {m['extract_cpu_ms_per_image']:.0f} vs "
+        f"{m['bare_cpu_ms_per_image']:.0f} ms | |",
+    ]
+    for s in st["stores"]:
+        lines.append(f"| {s['backend']} {s['dtype']}: bytes/image, ratio vs float32 | "
+                     f"{s['bytes_per_image'] / 1024:.1f} KiB, {s['compression_ratio_vs_float32']:.2f}x "
+                     f"(max abs err {s['max_abs_error']:.4f}, rel RMS {s['relative_rms_error']:.4f}) | "
+                     f"{'>= 8x' if s['dtype'] == 'int8' else ''} |")
+    med = rd["median"]
+    lines += [
+        f"| student loader (2 workers) vs student step | {med['mimic_loader_images_per_s']:.1f} vs "
+        f"{med['student_images_per_s']:.1f} img/s = {med['mimic_loader_over_student']:.1f}x | >= 5x |",
+        f"| bare store read (2 workers) vs student step | {med['store_read_images_per_s']:.1f} img/s = "
+        f"{med['store_read_over_student']:.1f}x | >= 5x |",
+    ]
+    a, b = mem["runs"]
+    lines.append(f"| peak RSS {a['images']} vs {b['images']} images (main / largest worker) | "
+                 f"{a['peak_rss_main_mib']:.0f} / {a['peak_rss_largest_worker_mib']:.0f} vs "
+                 f"{b['peak_rss_main_mib']:.0f} / {b['peak_rss_largest_worker_mib']:.0f} MiB "
+                 f"({100 * mem['main_growth']:+.1f}% / {100 * mem['worker_growth']:+.1f}%) | flat |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import numcodecs
+    import zarr
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "load_avg_start": list(os.getloadavg())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller version (about 2 minutes)")
+    parser.add_argument("--teacher", type=Path, default=None, help="trained teacher checkpoint (synthetic classes)")
+    parser.add_argument("--work", type=Path, default=None, help="folder for data and stores (default: temp, removed)")
+    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        teacher, data, split, out = args.memory_child
+        print(json.dumps(memory_child(Path(teacher), Path(data), split, Path(out))))
+        return
+
+    sizes = QUICK if args.quick else DEFAULT
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "sizes": sizes.__dict__,
+                    "machine": machine()}
+    started = time.perf_counter()
+    try:
+        data = synthetic(work, sizes.throughput_images, 256)
+        teacher = args.teacher or find_trained_teacher()
+        result["teacher"] = {"path": str(teacher), "trained": True} if teacher else {
+            "trained": False, "width": 1.0,
+            "note": "untrained width-1 detector, batch-norm statistics calibrated on raccoon photos"}
+        teacher = teacher or calibrated_teacher(work / "teacher-w1-256.pt", width=1.0, side=256)
+        print("1. throughput", flush=True)
+        result["throughput"], reference = throughput(teacher, data, work, sizes)
+        print("2. storage", flush=True)
+        result["storage"] = storage(teacher, data, work, sizes, reference)
+        print("3. read rate", flush=True)
+        split = f"first{sizes.throughput_images}"
+        result["read"] = read_rate(data, work / f"tp-store-{split}", split, sizes)
+        print("4. memory", flush=True)
+        result["memory"] = memory(work, sizes)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    result["machine"]["load_avg_end"] = list(os.getloadavg())
+    result["seconds"] = time.perf_counter() - started
+    result["table"] = table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(result["table"])
+    print(f"({result['seconds']:.0f} s) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
