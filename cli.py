@@ -32,6 +32,41 @@ def main() -> None:
     """
 
 
+# Option parsers shared by several commands.
+def _csv(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+    return parse
+
+
+def _fraction(ctx, param, value):
+    """'1/4' or '0.25' -> 0.25."""
+    try:
+        if "/" in str(value):
+            a, b = str(value).split("/")
+            v = float(a) / float(b)
+        else:
+            v = float(value)
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"expected a width like 1/4 or 0.25, got {value!r}") from None
+    if not 0 < v <= 1:
+        raise click.BadParameter(f"width must be in (0, 1], got {value!r}")
+    return v
+
+
+def _storage_options():
+    import os
+
+    endpoint = os.environ.get("MIMICDET_S3_ENDPOINT")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+
 # Each command: a short block that builds a config and calls one function. Keep blocks independent.
 
 # --- make-data / demo (built-in synthetic dataset) ---
@@ -69,9 +104,16 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Full study: three settings, scratch/RoI/map/scale mimic, widths 1/4 and 1/2, two seeds (hours).")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Run folder; every stage resumes from what is already there.")
+@click.option("--labelled", type=click.IntRange(min=1), default=None,
+              help="Labelled images the students get (default: the mode's budget, 150; 40 with --data).")
+@click.option("--teacher-iters", type=click.IntRange(min=1), default=None, help="Override the teacher budget.")
+@click.option("--student-iters", type=click.IntRange(min=1), default=None,
+              help="Override the stage-1 budget (stage 2 gets half).")
+@click.option("--anchor-sizes", default=None, callback=_csv(int),
+              help="Anchor sizes in input px (default 16,32,64,128; 32,64,128,256 with --data).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
-def demo(data, mode, out, device, workers) -> None:
+def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
@@ -81,8 +123,17 @@ def demo(data, mode, out, device, workers) -> None:
 
     from pipeline.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=Path(out), data=Path(data) if data else None, mode=mode or "default", device=device,
-                        workers=workers), echo=click.echo)
+    from dataclasses import replace
+
+    from pipeline.demo import budget_for
+
+    budget = budget_for(mode or "default", real_data=data is not None)
+    overrides = {"labelled": labelled, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes}
+    if student_iters:
+        overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
+    budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+    run_demo(DemoConfig(out=Path(out), data=Path(data) if data else None, mode=mode or "default", budget=budget,
+                        device=device, workers=workers), echo=click.echo)
 # --- end make-data / demo ---
 
 # --- inspect-store / verify-store (feature store) ---
@@ -117,39 +168,6 @@ def verify_store_command(store, data_root, split) -> None:
 # --- end inspect-store / verify-store ---
 
 # --- extract-teacher / train-student (offline mimic pipeline) ---
-def _csv(kind):
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return tuple(kind(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
-    return parse
-
-
-def _fraction(ctx, param, value):
-    """'1/4' or '0.25' -> 0.25."""
-    try:
-        if "/" in str(value):
-            a, b = str(value).split("/")
-            v = float(a) / float(b)
-        else:
-            v = float(value)
-    except (ValueError, ZeroDivisionError):
-        raise click.BadParameter(f"expected a width like 1/4 or 0.25, got {value!r}") from None
-    if not 0 < v <= 1:
-        raise click.BadParameter(f"width must be in (0, 1], got {value!r}")
-    return v
-
-
-def _storage_options():
-    import os
-
-    endpoint = os.environ.get("MIMICDET_S3_ENDPOINT")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-
-
 @main.command("extract-teacher")
 @click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False), help="Teacher checkpoint (model.pt from train-teacher).")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech) or a plain folder of images (no labels needed).")

@@ -34,22 +34,22 @@ class Budget:
 
     size: int = 192  # built-in image side, px
     train: int = 150  # built-in labelled split
-    pool: int = 2000  # built-in teacher pool (also the unlabelled images)
+    pool: int = 1500  # built-in teacher pool (also the unlabelled images)
     test: int = 300
     min_size: int = 192  # preprocessing: shorter side
     max_size: int = 320
     labelled: int = 150  # labelled images a student gets (limited settings)
     teacher_width: float = 1.0
-    teacher_iters: int = 600
+    teacher_iters: int = 300
     teacher_lr: float = 0.02
     widths: tuple[float, ...] = (0.25,)
-    student_iters: int = 600  # stage 1
-    stage2_iters: int = 300
+    student_iters: int = 400  # stage 1
+    stage2_iters: int = 200
     student_lr: float = 0.02
     batch_size: int = 8
     unlabeled_fraction: float = 0.5
     rois_per_image: int = 64
-    eval_every: int = 150  # stage-1 recall curve points
+    eval_every: int = 100  # stage-1 recall curve points
     eval_images: int = 150  # images per periodic evaluation
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
     seeds: tuple[int, ...] = (0,)
@@ -67,6 +67,17 @@ BUDGETS: dict[str, Budget] = {
     "study": Budget(widths=(0.25, 0.5), seeds=(0, 1), settings=SETTINGS,
                     strategies=("none", "roi", "map", "scale")),
 }
+
+
+def budget_for(mode: str, *, real_data: bool) -> Budget:
+    """The mode's budget; a user's dataset (real photos, larger objects, no built-in pool) gets anchors up to
+    256 px and a smaller labelled subset, the rest of its train split acting as the unlabelled pool."""
+    if mode not in MODES:
+        raise ValueError(f"demo mode must be one of {', '.join(MODES)}, got {mode!r}")
+    b = BUDGETS[mode]
+    if real_data:
+        b = replace(b, anchor_sizes=(32, 64, 128, 256), labelled=min(b.labelled, 40))
+    return b
 
 
 @dataclass(frozen=True)

@@ -293,9 +293,15 @@ class _StudentTrainer(Trainer):
         except (ValueError, FileExistsError):
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+            reason = lines[0]
+            if reason.startswith("Weights only load failed"):  # not torch's advice to load it unsafely
+                blocked = [ln for ln in lines if "GLOBAL" in ln or "global" in ln]
+                reason = "Weights only load failed: the file holds pickled objects, not plain tensors" + (
+                    f" ({blocked[0]})" if blocked else ""
+                )
             raise DataError(
-                f"{self.checkpoint_path}: cannot resume from this checkpoint ({type(e).__name__}: {first}); "
+                f"{self.checkpoint_path}: cannot resume from this checkpoint ({type(e).__name__}: {reason}); "
                 "remove it, or use --overwrite to start the run again"
             ) from None
 
