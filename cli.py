@@ -411,6 +411,68 @@ def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite
                f"{s['bytes'] / 1e6:.1f} MB, {checked}) -> {s['out']} + {s['sidecar']}")
 # --- end export ---
 
+# --- train-family (a width family from one store) ---
+def _widths(ctx, param, value):
+    from student.family import parse_widths
+
+    try:
+        return parse_widths(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("--widths: ")) from None
+
+
+@main.command("train-family")
+@click.option("--store", required=True, help="Feature store (path or s3:// URL) every width mimics.")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root the store was extracted from.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--widths", default="1/2,1/4,1/8", show_default=True, callback=_widths,
+              help="Comma-separated width multipliers, each in (0, 1].")
+@click.option("--stage", type=click.IntRange(1, 2), default=2, show_default=True,
+              help="1: backbone + RPN only; 2: stage 1, then the full detector with two-stage mimic.")
+@click.option("--mimic", type=click.Choice(["roi", "map", "none"]), default="roi", show_default=True,
+              help="roi: RoI feature mimic; map: whole-map L2; none: from scratch (no teacher signal).")
+@click.option("--head", type=click.Choice(["fast-rcnn", "rfcn"]), default="fast-rcnn", show_default=True, help="Stage-2 head.")
+@click.option("--iters", default=1000, show_default=True, type=click.IntRange(min=1), help="Stage-1 iterations per width.")
+@click.option("--stage2-iters", default=None, type=click.IntRange(min=1), help="Stage-2 iterations [default: half of --iters].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--mimic-weight", default=1.0, show_default=True, type=click.FloatRange(min=0), help="λ1, feature mimic weight.")
+@click.option("--logits-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Stage-2 logits matching weight (two-stage mimic; 0 with --mimic none).")
+@click.option("--rois-per-image", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int))
+@click.option("--aspect-ratios", default="0.5,1,2", show_default=True, callback=_csv(float), help="height/width ratios.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Teacher model.pt: evaluated too, for the reference point and the speed-ups.")
+@click.option("--eval-split", default="test", show_default=True)
+@click.option("--eval-max-images", default=None, type=click.IntRange(min=1))
+@click.option("--profile-repeats", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed predict() runs per model (round-robin over the family).")
+@click.option("--budget-ms", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Time budget per image: name the widths that meet it.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder; finished widths are skipped when the command is run again.")
+def train_family_command(store, data, split, widths, stage, mimic, head, iters, stage2_iters, batch_size, lr,
+                         mimic_weight, logits_weight, rois_per_image, anchor_sizes, aspect_ratios, seed, teacher,
+                         eval_split, eval_max_images, profile_repeats, budget_ms, device, workers, out) -> None:
+    """Train a width family of students from one store; write OUT/family.json, OUT/speed_accuracy.png and a
+    table of each width's speed-up, so a width can be picked for a time budget."""
+    from pathlib import Path
+
+    from student.family import FamilyConfig, run_train_family
+
+    run_train_family(FamilyConfig(
+        store=store, data=Path(data), out=Path(out), widths=widths, split=split, stage=stage, mimic=mimic, head=head,
+        iters=iters, stage2_iters=stage2_iters, batch_size=batch_size, lr=lr, mimic_weight=mimic_weight,
+        logits_weight=logits_weight, rois_per_image=rois_per_image, anchor_sizes=anchor_sizes,
+        aspect_ratios=aspect_ratios, seed=seed, teacher=Path(teacher) if teacher else None, eval_split=eval_split,
+        eval_max_images=eval_max_images, profile_repeats=profile_repeats, budget_ms=budget_ms, device=device,
+        workers=workers, storage_options=_storage_options()), echo=click.echo)
+# --- end train-family ---
+
 # --- end of commands ---
 
 if __name__ == "__main__":

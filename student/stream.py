@@ -240,9 +240,8 @@ def make_mimic_loader(
 
 
 def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | None = None) -> StoreReader:
-    """Open a store and check it covers every image of ``dataset`` (by id) with complete shards."""
-    from data.errors import StoreError
-
+    """Open a store and check it covers every image of ``dataset`` (by id) with complete shards, and, when it holds
+    exactly those images, that it was made from this dataset (digest of ids and image sizes)."""
     store = open_store(store_url, storage_options=storage_options or None)
     missing = [r.image_id for r in dataset.records if r.image_id not in store]
     if missing:
