@@ -63,6 +63,7 @@ RESULT = REPO / "benchmarks" / "results" / "extract.json"
 BATCH = 8
 SHARD = 32  # several shards per throughput run, so the writer overlaps the teacher
 CPU = torch.device("cpu")
+MEMORY_PROPOSALS = 64  # the head on 300 proposals dominates a width-1/4 teacher's time at 128x128
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ class Sizes:
     memory_side: int = 128
 
 
-DEFAULT = Sizes(throughput_images=96, pairs=3, storage_images=32, read_batches=24, student_iters=8, memory_images=200)
-QUICK = Sizes(throughput_images=48, pairs=2, storage_images=16, read_batches=12, student_iters=4, memory_images=50)
+DEFAULT = Sizes(throughput_images=64, pairs=5, storage_images=32, read_batches=24, student_iters=8, memory_images=200)
+QUICK = Sizes(throughput_images=32, pairs=3, storage_images=16, read_batches=12, student_iters=4, memory_images=50)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -393,7 +394,7 @@ def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
 def memory_child(teacher: Path, data: Path, split: str, out: Path) -> dict:
     t = time.perf_counter()
     summary = run_extract(ExtractConfig(teacher=teacher, data=data, split=split, out=str(out), mode="overwrite",
-                                        progress=False, device="cpu"))
+                                        proposals=MEMORY_PROPOSALS, progress=False, device="cpu"))
     seconds = time.perf_counter() - t
     return {"images": summary["images"], "shards": summary["shards"], "seconds": seconds,
             "images_per_s": summary["images"] / seconds,
@@ -417,7 +418,8 @@ def memory(work: Path, sizes: Sizes) -> dict:
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"  {n} images: peak RSS main {runs[-1]['peak_rss_main_mib']:.0f} MiB, largest worker "
               f"{runs[-1]['peak_rss_largest_worker_mib']:.0f} MiB, {runs[-1]['images_per_s']:.0f} img/s", flush=True)
-    return {"side_px": side, "teacher_width": 0.25, "shard_size": ExtractConfig.shard_size,
+    return {"side_px": side, "teacher_width": 0.25, "proposals": MEMORY_PROPOSALS,
+            "shard_size": ExtractConfig.shard_size,
             "loader_workers": ExtractConfig.loader_workers, "runs": runs,
             "main_growth": runs[1]["peak_rss_main_mib"] / runs[0]["peak_rss_main_mib"] - 1,
             "worker_growth": runs[1]["peak_rss_largest_worker_mib"] / runs[0]["peak_rss_largest_worker_mib"] - 1}

@@ -43,8 +43,8 @@ class Budget:
     teacher_iters: int = 300
     teacher_lr: float = 0.02
     widths: tuple[float, ...] = (0.25,)
-    student_iters: int = 400  # stage 1
-    stage2_iters: int = 200
+    student_iters: int = 250  # stage 1
+    stage2_iters: int = 125
     student_lr: float = 0.02
     batch_size: int = 8
     unlabeled_fraction: float = 0.5

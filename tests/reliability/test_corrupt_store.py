@@ -25,6 +25,7 @@ from tests.reliability.helpers import (
 )
 
 SHARD1 = ["train-0004", "train-0005", "train-0006", "train-0007"]
+pytestmark = pytest.mark.filterwarnings("ignore:--skip-corrupt:UserWarning")  # expected; asserted below
 
 # damage -> (what verify-store must say, the images it spoils)
 DAMAGE = {
