@@ -123,6 +123,9 @@ class Demo:
 
     def data_root(self) -> Path:
         if self.cfg.data is not None:
+            from data.summary import describe_voc
+
+            self.echo(describe_voc(Path(self.cfg.data)))
             return Path(self.cfg.data)
         from data.synthetic import SyntheticConfig, ensure_dataset
 
