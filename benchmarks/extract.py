@@ -11,20 +11,26 @@
    proposals' rows) for zarr and HDF5, float16 and int8; per-array bytes (zarr); int8 reconstruction error
    against the teacher's float32 maps. Target: int8 >= 8x. A codec study on the same maps (numcodecs directly)
    shows what other codecs and an unsigned 8-bit code would give, and the order-0 entropy of the int8 codes.
-3. Read rate: the student's loader (``MimicImages`` + ``make_mimic_loader``, 2 workers: image decode plus store
-   read) and a bare ``StoreReader.read`` DataLoader (2 workers), against the student's training step rate
-   (``StudentModel`` forward + backward + SGD step, width 1/4, stage 1, roi mimic, batch 8, on batches held in
-   memory). Target: loader >= 5x what the student consumes.
-4. Memory: peak RSS of ``run_extract`` over N and 10N images (fresh process each; 128x128 images, width-1/4
-   teacher), main process and largest DataLoader worker.
+3. Read rate, on the float16 zarr store of (2): the student's loader (``MimicImages`` + ``make_mimic_loader``,
+   2 workers: image decode plus store read) and a bare ``StoreReader.read`` DataLoader (2 workers), against the
+   student's training step rate (``StudentModel`` forward + backward + SGD step, width 1/4, stage 1, roi mimic,
+   batch 8, 256x256, on batches held in memory, torch's default threads). Target: loader >= 5x what the student
+   consumes. Two alternating rounds, medians.
+4. Memory: ``mimic extract-teacher`` over N and 10N images (a fresh process each; 128x128 images, width-1/4
+   teacher, 64 proposals, other options at their defaults), sampled every 0.1 s: peak RSS (VmHWM) of the main
+   process, the largest DataLoader worker and the whole process tree; and the main RSS over the large run
+   (a leak grows with images written: the peaks of its first and second halves are compared).
 
 Images are the built-in synthetic dataset (256x256; 128x128 for memory). The teacher is a trained one when
 given (``--teacher``) or found under ``runs/`` (``model.pt`` with teacher meta and the synthetic classes); else
 an untrained width-1 detector whose batch-norm statistics are calibrated by train-mode passes on the raccoon
 photos (so its maps have the scale and ReLU sparsity of a real network, not a trained one's distribution).
 
-    .venv/bin/python benchmarks/extract.py            # about 5 minutes on an idle 2-core machine
-    .venv/bin/python benchmarks/extract.py --quick    # about 2 minutes
+    .venv/bin/python benchmarks/extract.py            # 200 vs 2000 images for memory, 5 throughput pairs
+    .venv/bin/python benchmarks/extract.py --quick    # about a third of that
+    .venv/bin/python benchmarks/extract.py --sections storage,read
+The default run takes about 5 minutes on an idle 2-core machine (w=1 teacher at ~10 img/s) and two to three
+times that when other jobs share the cores.
 writes benchmarks/results/extract.json (or --out) and prints a markdown table.
 """
 
@@ -63,6 +69,7 @@ RESULT = REPO / "benchmarks" / "results" / "extract.json"
 BATCH = 8
 SHARD = 32  # several shards per throughput run, so the writer overlaps the teacher
 CPU = torch.device("cpu")
+SECTIONS = ("throughput", "storage", "read", "memory")
 MEMORY_PROPOSALS = 64  # the head on 300 proposals dominates a width-1/4 teacher's time at 128x128
 
 
@@ -147,7 +154,7 @@ def median(xs) -> float:
 # ---------------------------------------------------------------------------------------------- 1. throughput
 
 
-def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> tuple[dict, list[np.ndarray]]:
+def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict:
     n = sizes.throughput_images
     split, one = write_split(data, f"first{n}", n), write_split(data, "first8", BATCH)
     teacher, meta, _ = load_teacher(teacher_path, CPU)
@@ -164,11 +171,7 @@ def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> tupl
                                   out=str(work / f"tp-store-{split_name}"), shard_size=SHARD, batch_size=BATCH,
                                   mode="overwrite", progress=False, device="cpu"))
 
-    # The teacher's float32 maps of the first images (the reference for the int8 error); also the warm-up.
-    reference: list[np.ndarray] = []
-    for b in batches[: -(-sizes.storage_images // BATCH)]:
-        outs = teacher_pass(teacher, b.images, b.image_sizes, top_k=300, device=CPU)
-        reference += [o["features"].numpy().copy() for o in outs]
+    bare(2)  # warm-up: first-call allocations
     pairs = []
     for rep in range(sizes.pairs):
         order = ("bare", "extract") if rep % 2 == 0 else ("extract", "bare")
@@ -201,7 +204,7 @@ def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> tupl
         },
         "target": ">= 0.9",
     }
-    return out, reference
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- 2. storage
@@ -217,9 +220,22 @@ def array_bytes(url: Path, images: int) -> dict[str, float]:
     return {k: v / images for k, v in sorted(total.items())}
 
 
-def storage(teacher_path: Path, data: Path, work: Path, sizes: Sizes, reference: list[np.ndarray]) -> dict:
+def teacher_maps(teacher_path: Path, data: Path, split: str) -> list[np.ndarray]:
+    """The teacher's float32 maps, batched as extraction batches them: the reference for storage errors."""
+    teacher, meta, _ = load_teacher(teacher_path, CPU)
+    images = DetectionImages(load_dataset(data, split, classes=list(CLASSES)), Preprocess.from_dict(meta["preprocess"]))
+    maps: list[np.ndarray] = []
+    for s in range(0, len(images), BATCH):
+        b = collate([images[(i, False)] for i in range(s, min(s + BATCH, len(images)))])
+        maps += [o["features"].numpy().copy() for o in teacher_pass(teacher, b.images, b.image_sizes, top_k=300,
+                                                                   device=CPU)]
+    return maps
+
+
+def storage(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict:
     n = sizes.storage_images
     split = write_split(data, f"first{n}", n)
+    reference = teacher_maps(teacher_path, data, split)
     stores = []
     for backend in ("zarr", "hdf5"):
         for dtype in ("float16", "int8"):
@@ -245,8 +261,8 @@ def storage(teacher_path: Path, data: Path, work: Path, sizes: Sizes, reference:
             stores.append(row)
             print(f"  {backend} {dtype}: {row['bytes_per_image'] / 1024:.1f} KiB/image, "
                   f"{row['compression_ratio_vs_float32']:.2f}x, max |err| {row['max_abs_error']:.4f}", flush=True)
-    maps = np.stack(reference[:n])
-    return {"stores": stores, "map": {"shape": list(maps.shape[1:]), "zero_fraction": float((maps == 0).mean()),
+    maps = np.stack(reference)
+    return {"split": split, "stores": stores, "map": {"shape": list(maps.shape[1:]), "zero_fraction": float((maps == 0).mean()),
                                       "negative_fraction": float((maps < 0).mean())},
             "codec_study": codec_study(maps[: min(8, n)]), "target": "int8 >= 8x"}
 
@@ -391,15 +407,49 @@ def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
 # ---------------------------------------------------------------------------------------------- 4. memory
 
 
-def memory_child(teacher: Path, data: Path, split: str, out: Path) -> dict:
-    t = time.perf_counter()
-    summary = run_extract(ExtractConfig(teacher=teacher, data=data, split=split, out=str(out), mode="overwrite",
-                                        proposals=MEMORY_PROPOSALS, progress=False, device="cpu"))
-    seconds = time.perf_counter() - t
-    return {"images": summary["images"], "shards": summary["shards"], "seconds": seconds,
-            "images_per_s": summary["images"] / seconds,
-            "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_largest_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+def _vm_hwm_mib(pid: int) -> float:
+    """Peak RSS of a process image (``VmHWM``; not ``ru_maxrss``, which Linux carries over from the forked
+    parent across exec, so a child of this large benchmark process would report the parent's size)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory(cmd: list[str], log: Path) -> dict:
+    """Run `cmd`, sampling every 0.1 s: the main process's VmHWM, each DataLoader worker's RSS, and the RSS
+    summed over the process tree (pages shared after fork are counted once per process)."""
+    import psutil  # a dependency of dask.distributed
+
+    with open(log, "w") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        main, worker, tree = 0.0, 0.0, 0.0
+        trace: list[tuple[float, float]] = []  # (seconds, main RSS MiB) every 2 s
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                main = max(main, _vm_hwm_mib(proc.pid))
+                now = time.perf_counter() - t
+                if not trace or now - trace[-1][0] >= 2.0:
+                    trace.append((round(now, 1), round(ps.memory_info().rss / 2**20, 1)))
+                rss = [c.memory_info().rss / 2**20 for c in ps.children(recursive=True)]
+                worker = max([worker, *rss])
+                tree = max(tree, ps.memory_info().rss / 2**20 + sum(rss))
+            except (psutil.Error, OSError):  # a process ended between listing and reading
+                pass
+            time.sleep(0.1)
+        seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
+    half = len(trace) // 2
+    return {"seconds": seconds, "peak_rss_main_mib": main, "peak_rss_largest_worker_mib": worker,
+            "peak_rss_tree_mib": tree,
+            # A leak grows with images written: compare the main RSS peaks of the run's two halves.
+            "main_rss_max_first_half_mib": max((r for _, r in trace[:half]), default=None),
+            "main_rss_max_second_half_mib": max((r for _, r in trace[half:]), default=None),
+            "main_rss_trace": trace}
 
 
 def memory(work: Path, sizes: Sizes) -> dict:
@@ -409,54 +459,64 @@ def memory(work: Path, sizes: Sizes) -> dict:
     runs = []
     for n in (small, 10 * small):
         split = write_split(data, f"first{n}", n)
-        r = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(teacher), str(data), split, str(work / "mem-store")],
-            capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-        if r.returncode != 0:
-            raise SystemExit(f"memory run of {n} images failed:\n{r.stderr[-3000:]}")
-        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        print(f"  {n} images: peak RSS main {runs[-1]['peak_rss_main_mib']:.0f} MiB, largest worker "
-              f"{runs[-1]['peak_rss_largest_worker_mib']:.0f} MiB, {runs[-1]['images_per_s']:.0f} img/s", flush=True)
-    return {"side_px": side, "teacher_width": 0.25, "proposals": MEMORY_PROPOSALS,
+        cmd = [sys.executable, "-m", "cli", "extract-teacher", "--teacher", str(teacher), "--data", str(data),
+               "--split", split, "--out", str(work / "mem-store"), "--overwrite", "--proposals", str(MEMORY_PROPOSALS)]
+        run = {"images": n, **peak_memory(cmd, work / "mem.log")}
+        run["images_per_s"] = n / run["seconds"]
+        runs.append(run)
+        print(f"  {n} images: peak RSS main {run['peak_rss_main_mib']:.0f} MiB, largest worker "
+              f"{run['peak_rss_largest_worker_mib']:.0f} MiB, tree {run['peak_rss_tree_mib']:.0f} MiB, "
+              f"{run['images_per_s']:.0f} img/s", flush=True)
+    return {"command": " ".join(["mimic", *cmd[3:]]).replace(split, "firstN").replace(str(work), "WORK"),
+            "side_px": side, "teacher_width": 0.25, "proposals": MEMORY_PROPOSALS,
             "shard_size": ExtractConfig.shard_size,
             "loader_workers": ExtractConfig.loader_workers, "runs": runs,
             "main_growth": runs[1]["peak_rss_main_mib"] / runs[0]["peak_rss_main_mib"] - 1,
-            "worker_growth": runs[1]["peak_rss_largest_worker_mib"] / runs[0]["peak_rss_largest_worker_mib"] - 1}
+            "worker_growth": runs[1]["peak_rss_largest_worker_mib"] / runs[0]["peak_rss_largest_worker_mib"] - 1,
+            "tree_growth": runs[1]["peak_rss_tree_mib"] / runs[0]["peak_rss_tree_mib"] - 1}
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
 def table(r: dict) -> str:
-    tp, st, rd, mem = r["throughput"], r["storage"], r["read"], r["memory"]
-    m = tp["median"]
-    lines = [
-        "| measure | figure | target |",
-        "| --- | --- | --- |",
-        f"| extract vs bare teacher, {tp['images']} images (median of {len(tp['pairs'])} pairs) | "
-        f"{m['extract_images_per_s']:.2f} vs {m['bare_images_per_s']:.2f} img/s, ratio {m['ratio']:.3f} "
-        f"(steady state {m['steady_ratio']:.3f}; fixed cost {m['fixed_s']:.2f} s) | >= 0.9 |",
-        f"| CPU per image, extract vs bare | {m['extract_cpu_ms_per_image']:.0f} vs "
-        f"{m['bare_cpu_ms_per_image']:.0f} ms | |",
-    ]
-    for s in st["stores"]:
-        lines.append(f"| {s['backend']} {s['dtype']}: bytes/image, ratio vs float32 | "
-                     f"{s['bytes_per_image'] / 1024:.1f} KiB, {s['compression_ratio_vs_float32']:.2f}x "
-                     f"(max abs err {s['max_abs_error']:.4f}, rel RMS {s['relative_rms_error']:.4f}) | "
-                     f"{'>= 8x' if s['dtype'] == 'int8' else ''} |")
-    med = rd["median"]
-    lines += [
-        f"| student loader (2 workers) vs student step | {med['mimic_loader_images_per_s']:.1f} vs "
-        f"{med['student_images_per_s']:.1f} img/s = {med['mimic_loader_over_student']:.1f}x | >= 5x |",
-        f"| bare store read (2 workers) vs student step | {med['store_read_images_per_s']:.1f} img/s = "
-        f"{med['store_read_over_student']:.1f}x | >= 5x |",
-    ]
-    a, b = mem["runs"]
-    lines.append(f"| peak RSS {a['images']} vs {b['images']} images (main / largest worker) | "
-                 f"{a['peak_rss_main_mib']:.0f} / {a['peak_rss_largest_worker_mib']:.0f} vs "
-                 f"{b['peak_rss_main_mib']:.0f} / {b['peak_rss_largest_worker_mib']:.0f} MiB "
-                 f"({100 * mem['main_growth']:+.1f}% / {100 * mem['worker_growth']:+.1f}%) | flat |")
+    lines = ["| measure | figure | target |", "| --- | --- | --- |"]
+    if "throughput" in r:
+        tp = r["throughput"]
+        m = tp["median"]
+        lines += [
+            f"| extract vs bare teacher, {tp['images']} images (median of {len(tp['pairs'])} pairs) | "
+            f"{m['extract_images_per_s']:.2f} vs {m['bare_images_per_s']:.2f} img/s: ratio {m['ratio']:.3f} "
+            f"(steady state {m['steady_ratio']:.3f}; fixed cost {m['fixed_s']:.2f} s per run) | >= 0.9 |",
+            f"| CPU per image, extract vs bare | {m['extract_cpu_ms_per_image']:.0f} vs "
+            f"{m['bare_cpu_ms_per_image']:.0f} ms: ratio {m['bare_cpu_ms_per_image'] / m['extract_cpu_ms_per_image']:.3f}"
+            " | |",
+        ]
+    if "storage" in r:
+        for s in r["storage"]["stores"]:
+            lines.append(f"| {s['backend']} {s['dtype']}: bytes/image, ratio vs float32 | "
+                         f"{s['bytes_per_image'] / 1024:.1f} KiB, {s['compression_ratio_vs_float32']:.2f}x "
+                         f"(max abs err {s['max_abs_error']:.4f}, rel RMS {s['relative_rms_error']:.4f}) | "
+                         f"{'>= 8x' if s['dtype'] == 'int8' else ''} |")
+    if "read" in r:
+        med = r["read"]["median"]
+        lines += [
+            f"| student loader (2 workers) vs student step | {med['mimic_loader_images_per_s']:.1f} vs "
+            f"{med['student_images_per_s']:.1f} img/s = {med['mimic_loader_over_student']:.1f}x | >= 5x |",
+            f"| bare store read (2 workers) vs student step | {med['store_read_images_per_s']:.1f} img/s = "
+            f"{med['store_read_over_student']:.1f}x | >= 5x |",
+        ]
+    if "memory" in r:
+        mem = r["memory"]
+        a, b = mem["runs"]
+        lines.append(f"| peak RSS {a['images']} vs {b['images']} images: main / largest worker / tree | "
+                     f"{a['peak_rss_main_mib']:.0f} / {a['peak_rss_largest_worker_mib']:.0f} / "
+                     f"{a['peak_rss_tree_mib']:.0f} vs {b['peak_rss_main_mib']:.0f} / "
+                     f"{b['peak_rss_largest_worker_mib']:.0f} / {b['peak_rss_tree_mib']:.0f} MiB "
+                     f"({100 * mem['main_growth']:+.1f}% / {100 * mem['worker_growth']:+.1f}% / "
+                     f"{100 * mem['tree_growth']:+.1f}%) | flat |")
+        lines.append(f"| main RSS over the {b['images']}-image run, max of first vs second half | "
+                     f"{b['main_rss_max_first_half_mib']:.0f} vs {b['main_rss_max_second_half_mib']:.0f} MiB | flat |")
     return "\n".join(lines)
 
 
@@ -476,35 +536,38 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="trained teacher checkpoint (synthetic classes)")
     parser.add_argument("--work", type=Path, default=None, help="folder for data and stores (default: temp, removed)")
     parser.add_argument("--out", type=Path, default=RESULT)
-    parser.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset to run")
     args = parser.parse_args()
-    if args.memory_child:
-        teacher, data, split, out = args.memory_child
-        print(json.dumps(memory_child(Path(teacher), Path(data), split, Path(out))))
-        return
 
     sizes = QUICK if args.quick else DEFAULT
+    sections = [x.strip() for x in args.sections.split(",")]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or ("read" in sections and "storage" not in sections):
+        raise SystemExit(f"--sections: choose from {','.join(SECTIONS)} ('read' needs 'storage'), got {args.sections!r}")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "sizes": sizes.__dict__,
                     "machine": machine()}
     started = time.perf_counter()
     try:
-        data = synthetic(work, sizes.throughput_images, 256)
+        data = synthetic(work, max(sizes.throughput_images, sizes.storage_images), 256)
         teacher = args.teacher or find_trained_teacher()
         result["teacher"] = {"path": str(teacher), "trained": True} if teacher else {
-            "trained": False, "width": 1.0,
+            "trained": False, "width": 1.0, "side_px": 256,
             "note": "untrained width-1 detector, batch-norm statistics calibrated on raccoon photos"}
         teacher = teacher or calibrated_teacher(work / "teacher-w1-256.pt", width=1.0, side=256)
-        print("1. throughput", flush=True)
-        result["throughput"], reference = throughput(teacher, data, work, sizes)
-        print("2. storage", flush=True)
-        result["storage"] = storage(teacher, data, work, sizes, reference)
-        print("3. read rate", flush=True)
-        split = f"first{sizes.throughput_images}"
-        result["read"] = read_rate(data, work / f"tp-store-{split}", split, sizes)
-        print("4. memory", flush=True)
-        result["memory"] = memory(work, sizes)
+        if "throughput" in sections:
+            print("1. throughput", flush=True)
+            result["throughput"] = throughput(teacher, data, work, sizes)
+        if "storage" in sections:
+            print("2. storage", flush=True)
+            result["storage"] = storage(teacher, data, work, sizes)
+        if "read" in sections:
+            print("3. read rate", flush=True)
+            result["read"] = read_rate(data, work / "store-zarr-float16", result["storage"]["split"], sizes)
+        if "memory" in sections:
+            print("4. memory", flush=True)
+            result["memory"] = memory(work, sizes)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

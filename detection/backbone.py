@@ -129,13 +129,10 @@ def load_googlenet_weights(backbone: InceptionBackbone, path: str | Path) -> Non
     """
     if backbone.width != 1.0:
         raise ValueError(f"GoogLeNet ImageNet weights fit only width 1, backbone has width {backbone.width}")
+    from detection.checkpoints import load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GoogLeNet weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
-        raise DataError(f"{path}: not a readable state dict ({type(e).__name__}: {e})") from None
+    state = load_weights_only(path, what="state dict")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -388,13 +388,10 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
 
     Raises ``FileNotFoundError`` for a missing file and ``DataError`` naming the file and the offending keys for a
     checkpoint that is not of this form or whose weights do not fit its config."""
+    from detection.checkpoints import load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detector checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
-        raise DataError(f"{path}: not a readable detector checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = load_weights_only(path, what="detector checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "detector_config" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DataError(f"{path}: expected a dict with 'model' and 'detector_config', got {keys}")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data.errors import DataError
 from detection.device import amp_enabled, select_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -162,7 +163,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """Loads a checkpoint written by :func:`save_checkpoint` (plain tensors and JSON types only)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    from detection.checkpoints import load_weights_only
+
+    return load_weights_only(path, what="training checkpoint", hint="remove it, or use --overwrite to start the run again")
 
 
 def _rng_state() -> dict:
@@ -418,6 +421,16 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return 0
         ckpt = load_checkpoint(self.checkpoint_path)
+        try:
+            return self._restore(ckpt)
+        except (KeyError, TypeError, RuntimeError, AttributeError) as e:  # readable, but not this run's state
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(
+                f"{self.checkpoint_path}: not a readable training checkpoint for this run ({type(e).__name__}: "
+                f"{first}); remove it, or use --overwrite to start the run again"
+            ) from None
+
+    def _restore(self, ckpt: dict) -> int:
         # The trajectory depends on these; device, AMP and hook intervals may change between calls.
         old, new = ckpt.get("config", {}), self.config.to_dict()
         changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("iters", "batch_size", "seed", "optim")

@@ -284,28 +284,6 @@ def _preprocess_of(store: StoreReader) -> Preprocess:
     return Preprocess.from_dict(dict(store.manifest.preprocess))
 
 
-class _StudentTrainer(Trainer):
-    def resume(self) -> int:
-        # A run folder's checkpoint that cannot be loaded (damaged, not ours, or a pickle that weights-only
-        # loading refuses) is a user-fixable input error, not a crash.
-        try:
-            return super().resume()
-        except (ValueError, FileExistsError):
-            raise
-        except Exception as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
-            reason = lines[0]
-            if reason.startswith("Weights only load failed"):  # not torch's advice to load it unsafely
-                blocked = [ln for ln in lines if "GLOBAL" in ln or "global" in ln]
-                reason = "Weights only load failed: the file holds pickled objects, not plain tensors" + (
-                    f" ({blocked[0]})" if blocked else ""
-                )
-            raise DataError(
-                f"{self.checkpoint_path}: cannot resume from this checkpoint ({type(e).__name__}: {reason}); "
-                "remove it, or use --overwrite to start the run again"
-            ) from None
-
-
 def run_train_student(cfg: StudentConfig) -> dict:
     """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary.
     Everything is checked before the run folder is touched; ``summary["skipped_images"]`` lists the damaged
@@ -411,7 +389,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
         # Only rank 0 writes checkpoints, logs and evaluations; every rank resumes from its checkpoint.
         hooks = hooks if rank == 0 else []
         model = _wrap_ddp(model, cfg.device)
-    trainer = _StudentTrainer(
+    trainer = Trainer(
         model=model,
         config=train_cfg,
         loss_fn=lambda m, b: m(b.to(trainer.device)),

@@ -75,6 +75,6 @@ def test_a_damaged_checkpoint_in_the_run_folder_is_refused(world, tmp_path, kind
     args[args.index("--iters") + 1] = "2"
     assert cli(*args).exit_code == 0
     _damaged_checkpoint(out / "checkpoint.pt", kind)  # the rerun of this command resumes from it
-    assert_refused(cli(*args), 1, rf"{out / 'checkpoint.pt'}: cannot resume from this checkpoint", r"--overwrite")
+    assert_refused(cli(*args), 1, rf"{out / 'checkpoint.pt'}: not a readable training checkpoint", r"--overwrite")
     r = cli(*args, "--overwrite")
     assert r.exit_code == 0 and "at iteration 2" in r.output, r.output

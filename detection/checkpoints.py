@@ -1,0 +1,31 @@
+"""Loading checkpoint files safely: ``torch.load(weights_only=True)`` only, with one clean error.
+
+torch's own message for a refused pickle spans many lines and suggests ``weights_only=False``, which is the
+wrong advice for a file that may carry code; the error raised here names the file and the first line only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.errors import DataError
+
+
+def load_weights_only(path: str | Path, *, what: str = "checkpoint", hint: str = "", map_location: Any = "cpu") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, refused globals
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        reason = lines[0]
+        if reason.startswith("Weights only load failed"):  # not torch's advice to load it unsafely
+            blocked = [ln for ln in lines if "GLOBAL" in ln or "global" in ln]
+            reason = "Weights only load failed: the file holds pickled objects, not plain tensors" + (
+                f" ({blocked[0]})" if blocked else ""
+            )
+        raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {reason})" + (f"; {hint}" if hint else "")) from None
