@@ -4,7 +4,9 @@
    ``mimic extract-teacher``) against the bare teacher pass (``teacher_pass`` on batches decoded and
    preprocessed beforehand, in memory) over the same N images, in interleaved pairs (order alternates, so load
    drift hits both alike). Target: extract >= 0.9x bare. Reported: images/s, CPU ms per image (this process and
-   its DataLoader workers) and the per-pair ratio; medians. The fixed cost of a run (loading the teacher, forking
+   its DataLoader workers) and the per-pair ratios; medians. When other jobs load the machine, the CPU-time
+   ratio is the one to trust: the kernel shares cores per runnable thread, which favours extraction's extra
+   threads in wall-clock terms. The fixed cost of a run (loading the teacher, forking
    workers, the last shard's write, which nothing can overlap) is measured as a one-batch extraction minus one
    bare batch and also reported as the steady-state ratio, N / (extract seconds - fixed seconds).
 2. Storage: bytes per image and the ratio to raw float32 (``inspect_store``: the real map C*h*w plus the k
@@ -183,6 +185,7 @@ def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict
         fixed_bare, _ = timed(lambda: bare(1))
         row["fixed_s"] = fixed_ext - fixed_bare
         row["ratio"] = row["extract"]["images_per_s"] / row["bare"]["images_per_s"]
+        row["cpu_ratio"] = row["bare"]["cpu_ms_per_image"] / row["extract"]["cpu_ms_per_image"]
         row["steady_ratio"] = (n / (row["extract"]["s"] - row["fixed_s"])) / row["bare"]["images_per_s"]
         row["load_avg_1min"] = os.getloadavg()[0]
         pairs.append(row)
@@ -199,10 +202,15 @@ def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict
             "bare_cpu_ms_per_image": median(p["bare"]["cpu_ms_per_image"] for p in pairs),
             "extract_cpu_ms_per_image": median(p["extract"]["cpu_ms_per_image"] for p in pairs),
             "ratio": median(p["ratio"] for p in pairs),
+            "cpu_ratio": median(p["cpu_ratio"] for p in pairs),
             "steady_ratio": median(p["steady_ratio"] for p in pairs),
             "fixed_s": median(p["fixed_s"] for p in pairs),
         },
         "target": ">= 0.9",
+        "note": "Under load from other jobs Linux shares the cores per runnable thread, and extraction runs more "
+                "threads (writer, DataLoader workers) than the bare pass, so its wall-clock ratio is biased upwards "
+                "and noisy; cpu_ratio (bare CPU seconds per image / extraction's, workers included) is the estimate "
+                "for an idle machine, where both keep the 2 cores busy.",
     }
     return out
 
@@ -488,9 +496,8 @@ def table(r: dict) -> str:
             f"| extract vs bare teacher, {tp['images']} images (median of {len(tp['pairs'])} pairs) | "
             f"{m['extract_images_per_s']:.2f} vs {m['bare_images_per_s']:.2f} img/s: ratio {m['ratio']:.3f} "
             f"(steady state {m['steady_ratio']:.3f}; fixed cost {m['fixed_s']:.2f} s per run) | >= 0.9 |",
-            f"| CPU per image, extract vs bare | {m['extract_cpu_ms_per_image']:.0f} vs "
-            f"{m['bare_cpu_ms_per_image']:.0f} ms: ratio {m['bare_cpu_ms_per_image'] / m['extract_cpu_ms_per_image']:.3f}"
-            " | |",
+            f"| CPU per image, extract (workers included) vs bare | {m['extract_cpu_ms_per_image']:.0f} vs "
+            f"{m['bare_cpu_ms_per_image']:.0f} ms: ratio {m['cpu_ratio']:.3f} (median of pairs) | >= 0.9 |",
         ]
     if "storage" in r:
         for s in r["storage"]["stores"]:

@@ -169,7 +169,10 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path):
     def start(name: str) -> subprocess.Popen:
         code = (f"from data.synthetic import SyntheticConfig, ensure_dataset; ensure_dataset(SyntheticConfig("
                 f"out={str(tmp_path / name)!r}, train=20000, test=0, workers=1, progress=False))")
-        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+        # A runner started in the background (nohup, `&`) ignores SIGINT and children inherit that; Python then
+        # never installs its Ctrl-C handler. Restore the default so the child behaves like one at a terminal.
+        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     procs = {"interrupted": start("interrupted"), "killed": start("killed")}
     try:
