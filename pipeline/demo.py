@@ -226,7 +226,7 @@ class Demo:
         stores = {s: self.store(teacher, root, s) for s in {parts["labelled"], parts["unlabelled"]}}
         rows: list[dict] = []
         t_eval = self.evaluate("teacher", teacher, root, detection=True)
-        rows.append(_row("teacher", "-", "-", b.teacher_width, 2, t_eval))
+        rows.append(_row("teacher", "-", "-", b.teacher_width, 2, t_eval) | {"model_path": str(teacher)})
         for setting in b.settings:
             for width in b.widths:
                 for seed in b.seeds:
@@ -252,7 +252,8 @@ class Demo:
                               mimic=mimic, seed=seed, labelled=labelled, unlabeled=unl if mimic != "none" else None,
                               unlabeled_split=parts["unlabelled"], scale=strategy == "scale")
             ev1 = self.evaluate(f"{tag}-stage1", s1, root, detection=False)
-            rows.append(_row(strategy, setting, seed, width, 1, ev1, run=self.out / "students" / f"{tag}-stage1"))
+            rows.append(_row(strategy, setting, seed, width, 1, ev1, run=self.out / "students" / f"{tag}-stage1")
+                        | {"model_path": str(s1), "input_scale": 0.5 if strategy == "scale" else 1.0})
             # Stage 2: the full detector from stage 1; mimic students add two-stage (logits) mimic.
             mimic2 = "none" if strategy == "none" else "roi"
             s2 = self.student(f"{tag}-stage2", root=root, store=store, split=split, width=width, stage=2,
@@ -261,7 +262,8 @@ class Demo:
                               scale=strategy == "scale")
             ev2 = self.evaluate(f"{tag}-stage2", s2, root, detection=True)
             name2 = "scratch" if strategy == "none" else f"{strategy} + two-stage"
-            rows.append(_row(name2, setting, seed, width, 2, ev2))
+            rows.append(_row(name2, setting, seed, width, 2, ev2)
+                        | {"model_path": str(s2), "input_scale": 0.5 if strategy == "scale" else 1.0})
         return rows
 
     # -- report
@@ -269,6 +271,7 @@ class Demo:
     def report(self, rows: list[dict], root: Path, parts: dict) -> dict:
         from detection.metrics.significance import mcnemar
 
+        self._side_by_side_latency(rows)
         teacher_ms = rows[0]["ms_per_image"]
         for r in rows:
             r["speedup"] = teacher_ms / r["ms_per_image"] if r.get("ms_per_image") else None
@@ -292,6 +295,23 @@ class Demo:
         self.plots(rows)
         self.echo(format_table(report))
         return report
+
+    def _side_by_side_latency(self, rows: list[dict]) -> None:
+        """ms/image of the teacher and every full-size-input student, timed round-robin in this one run, so
+        the speed-ups are ratios measured side by side (half-size scale-mimic students keep their own figure)."""
+        from detection.detector import load_detector
+        from detection.device import select_device
+        from detection.profile import profile_models
+
+        models = {r["label"]: load_detector(r["model_path"])[0] for r in rows
+                  if r.get("model_path") and r.get("input_scale", 1.0) == 1.0}
+        side = self.b.min_size
+        timed = profile_models(models, input_size=(side, side), repeats=10, warmup=2,
+                               device=select_device(self.cfg.device))
+        for r in rows:
+            if r["label"] in timed:
+                r["ms_per_image"] = timed[r["label"]]["latency"]["median_ms"]
+                r["latency"] = f"side by side at {side}x{side}"
 
     def plots(self, rows: list[dict]) -> None:
         from detection.metrics import plots
