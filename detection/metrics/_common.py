@@ -89,3 +89,12 @@ def check_detections(
 def descending(scores: np.ndarray) -> np.ndarray:
     """Indices sorting ``scores`` high to low; stable, so ties keep their input order (as MATLAB's sort)."""
     return np.argsort(-np.asarray(scores, np.float64), kind="stable")
+
+
+def check_labels(record, labels: np.ndarray, *, num_classes: int) -> None:
+    """Ground-truth and detected labels must be foreground classes 1..num_classes."""
+    k = num_classes
+    for name, lab in (("ground-truth labels", record.labels), ("detections['labels']", labels)):
+        bad = lab[(lab < 1) | (lab > k)]
+        if bad.size:
+            raise ValueError(f"image {record.image_id!r}: {name} must be in 1..{k} for {k} classes, got {int(bad[0])}")

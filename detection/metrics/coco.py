@@ -31,7 +31,7 @@ from pycocotools.cocoeval import COCOeval
 
 from data.records import ImageRecord
 
-from ._common import box_area, check_detections, check_record
+from ._common import box_area, check_detections, check_labels, check_record
 
 # Order of COCOeval.stats for iouType="bbox".
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -61,12 +61,7 @@ class COCOEvaluator:
     def process(self, record: ImageRecord, detections: Mapping[str, Any]) -> None:
         check_record(record)
         boxes, scores, labels = check_detections(detections, image_id=record.image_id, need_labels=True)
-        k = len(self.classes)
-        for name, lab in (("ground-truth labels", record.labels), ("detections['labels']", labels)):
-            bad = lab[(lab < 1) | (lab > k)]
-            if bad.size:
-                raise ValueError(f"image {record.image_id!r}: {name} must be in 1..{k} for "
-                                 f"{k} classes, got {int(bad[0])}")
+        check_labels(record, labels, num_classes=len(self.classes))
         self._records.append(record)
         self._dets.append((boxes, scores, labels))
 

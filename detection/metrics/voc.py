@@ -24,7 +24,7 @@ import numpy as np
 
 from data.records import ImageRecord
 
-from ._common import box_iou, check_detections, check_record, descending
+from ._common import box_iou, check_detections, check_labels, check_record, descending
 
 TP, FP, IGNORED = 1, 0, -1
 
@@ -128,12 +128,7 @@ class VOCEvaluator:
     def process(self, record: ImageRecord, detections: Mapping[str, Any]) -> None:
         check_record(record)
         boxes, scores, labels = check_detections(detections, image_id=record.image_id, need_labels=True)
-        k = len(self.classes)
-        for name, lab in (("ground-truth labels", record.labels), ("detections['labels']", labels)):
-            bad = lab[(lab < 1) | (lab > k)]
-            if bad.size:
-                raise ValueError(f"image {record.image_id!r}: {name} must be in 1..{k} for "
-                                 f"{k} classes, got {int(bad[0])}")
+        check_labels(record, labels, num_classes=len(self.classes))
         for c in np.union1d(np.unique(record.labels), np.unique(labels)):
             g = record.labels == c
             d = labels == c
