@@ -205,7 +205,13 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 
 
 @main.command("train-student")
-@click.option("--store", required=True, help="Feature store of the labelled split (from extract-teacher).")
+@click.option("--store", required=True, multiple=True,
+              help="Feature store of the labelled split (from extract-teacher). Repeat for several teachers over the "
+                   "same images and preprocessing: the student mimics each through its own transform r_k; the first "
+                   "store is the primary (its proposals are the mimic regions, its head outputs the logits target).")
+@click.option("--teacher-weight", "teacher_weights", multiple=True, type=click.FloatRange(min=0),
+              help="Weight w_k of each --store's mimic loss, in --store order (L_m = sum_k w_k L_m^k; default 1 each). "
+                   "Give one per --store or none.")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root holding the labelled images.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (rerun the same command to resume).")
@@ -241,17 +247,18 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--skip-corrupt", is_flag=True,
               help="Verify the store's shards first and train without damaged images (reports how many).")
 @click.option("--overwrite", is_flag=True)
-def train_student_command(store, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
+def train_student_command(store, teacher_weights, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
                           logits_weight, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
                           aspect_ratios, unlabeled, unlabeled_data, unlabeled_split, unlabeled_fraction, subset, seed,
                           device, workers, eval_every, eval_split, checkpoint_every, skip_corrupt, overwrite) -> None:
-    """Train a student detector from a teacher's feature store (the teacher is never loaded)."""
+    """Train a student detector from a teacher's feature store (the teacher is never loaded), or from several
+    teachers' stores (repeat --store, weigh them with --teacher-weight)."""
     from pathlib import Path
 
     from student.train import StudentConfig, run_train_student
 
     summary = run_train_student(StudentConfig(
-        store=store, data=Path(data), split=split, out=Path(out), width=width, stage=stage,
+        store=store[0] if len(store) == 1 else store, teacher_weights=teacher_weights or None, data=Path(data), split=split, out=Path(out), width=width, stage=stage,
         init=Path(init) if init else None, head=head, mimic=mimic, sampler=sampler, mimic_weight=mimic_weight,
         logits_weight=logits_weight, scale_mimic=scale_mimic, rois_per_image=rois_per_image, flip=flip, iters=iters,
         batch_size=batch_size, lr=lr, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios, unlabeled=unlabeled,

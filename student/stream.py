@@ -10,6 +10,10 @@ pixels, scores ``[k]``, class logits ``[k, Kc]``, box deltas ``[k, 4Kc]``.
 
 A batch (:class:`MimicBatch`) holds labelled images first, then unlabelled ones (mimic only).
 
+Several teachers: ``MimicImages(..., more_teachers=[store_2, ...])`` also reads, for every image, the feature map of
+each further teacher's store (same images, same preprocessing; proposals and head outputs come from the first,
+primary, store only), batched as ``MimicBatch.more_teacher_features[k]`` ``float32[N, Ct_k, Hf, Wf]``.
+
 Damaged data stops training with a StoreError (or DataError for an unreadable image) naming the store, shard and
 image, raised in the training process even when DataLoader workers hit it. :func:`check_source` runs before
 training: it finds truncated or missing shard objects at once, and with ``skip_corrupt`` decodes every shard the
@@ -20,8 +24,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -38,15 +42,38 @@ MixedKey = tuple[int, int, bool, int]
 
 
 class MimicImages(torch.utils.data.Dataset):
-    """One or two (dataset, store) sources; ``__getitem__((source, index, flip, iteration))``."""
+    """One or two (dataset, store) sources; ``__getitem__((source, index, flip, iteration))``.
 
-    def __init__(self, sources: list[tuple[Dataset, StoreReader]], images: list[DetectionImages]):
+    ``more_teachers``: stores of further teachers holding every image of every source; their feature maps are
+    read alongside the source's record (``item["more_teachers"]``, one ``float32[Ct_k, h, w]`` per store)."""
+
+    def __init__(
+        self,
+        sources: list[tuple[Dataset, StoreReader]],
+        images: list[DetectionImages],
+        *,
+        more_teachers: Sequence[StoreReader] = (),
+    ):
         self.sources = sources
         self.images = images
+        self.more_teachers = list(more_teachers)
         # dataset index -> store index, per source (stores are addressed by image id, not position).
         self._store_index = [
             np.array([store.index_of(r.image_id) for r in ds.records], np.int64) for ds, store in sources
         ]
+        # per further teacher, per source: dataset index -> index in that teacher's store.
+        self._more_index = []
+        for store in self.more_teachers:
+            per_source = []
+            for ds, _ in sources:
+                missing = [r.image_id for r in ds.records if r.image_id not in store]
+                if missing:
+                    raise StoreError(
+                        f"{store.url}: store has no record for {len(missing)} of {len(ds)} images of "
+                        f"{ds.name}/{ds.split} (first: {missing[0]!r}); every teacher must cover the same images"
+                    )
+                per_source.append(np.array([store.index_of(r.image_id) for r in ds.records], np.int64))
+            self._more_index.append(per_source)
 
     def __len__(self) -> int:
         return sum(len(ds) for ds, _ in self.sources)
@@ -56,21 +83,7 @@ class MimicImages(torch.utils.data.Dataset):
         item = self.images[source][(index, flip)]
         item["iteration"] = iteration
         _, store = self.sources[source]
-        store_index = int(self._store_index[source][index])
-        rec = store.read(store_index, flip=flip)
-        where = (
-            f"{store.url}: shard {store.shard_of(store_index)} image {store_index} ({rec.image_id!r})"
-            + (" (flipped)" if flip else "")
-        )
-        if rec.features.shape[0] != store.manifest.channels:  # the transform r is sized from the manifest
-            raise StoreError(
-                f"{where}: stored features have {rec.features.shape[0]} channels, the manifest says "
-                f"{store.manifest.channels}"
-            )
-        for name in ("features", "proposals", "scores", "class_logits", "box_deltas"):
-            bad = int(np.size(getattr(rec, name)) - np.count_nonzero(np.isfinite(getattr(rec, name))))
-            if bad:  # the teacher wrote NaN/Inf (checksums cannot catch that); training on it would poison the run
-                raise StoreError(f"{where}: {bad} NaN/Inf values in {name}")
+        rec = _read_checked(store, int(self._store_index[source][index]), flip)
         item["teacher"] = {
             "features": torch.from_numpy(rec.features),
             "proposals": torch.from_numpy(rec.proposals),
@@ -78,9 +91,37 @@ class MimicImages(torch.utils.data.Dataset):
             "class_logits": torch.from_numpy(rec.class_logits),
             "box_deltas": torch.from_numpy(rec.box_deltas),
         }
+        if self.more_teachers:
+            item["more_teachers"] = [
+                torch.from_numpy(_read_checked(more, int(idx[source][index]), flip, names=("features",)).features)
+                for more, idx in zip(self.more_teachers, self._more_index)
+            ]
         if source == 1:
             item["labelled"] = False
         return item
+
+
+_RECORD_ARRAYS = ("features", "proposals", "scores", "class_logits", "box_deltas")
+
+
+def _read_checked(store: StoreReader, store_index: int, flip: bool, *, names: Sequence[str] = _RECORD_ARRAYS):
+    """``store.read`` plus the checks a record needs before training on it: channels as the manifest says (``r``
+    is sized from it) and no NaN/Inf in ``names``; StoreError naming store, shard and image otherwise."""
+    rec = store.read(store_index, flip=flip)
+    where = (
+        f"{store.url}: shard {store.shard_of(store_index)} image {store_index} ({rec.image_id!r})"
+        + (" (flipped)" if flip else "")
+    )
+    if rec.features.shape[0] != store.manifest.channels:  # the transform r is sized from the manifest
+        raise StoreError(
+            f"{where}: stored features have {rec.features.shape[0]} channels, the manifest says "
+            f"{store.manifest.channels}"
+        )
+    for name in names:
+        bad = int(np.size(getattr(rec, name)) - np.count_nonzero(np.isfinite(getattr(rec, name))))
+        if bad:  # the teacher wrote NaN/Inf (checksums cannot catch that); training on it would poison the run
+            raise StoreError(f"{where}: {bad} NaN/Inf values in {name}")
+    return rec
 
 
 @dataclass
@@ -94,6 +135,10 @@ class MimicBatch:
     teacher_scores: list[torch.Tensor]
     teacher_logits: list[torch.Tensor]  # [k_i, Kc]
     teacher_deltas: list[torch.Tensor]  # [k_i, 4Kc]
+    # Further teachers (several-teacher mimic), one entry per store: float32[N, Ct_k, Hf_k, Wf_k], zero-padded,
+    # and the valid (h, w) of each image's map.
+    more_teacher_features: list[torch.Tensor] = field(default_factory=list)
+    more_teacher_hw: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -108,6 +153,7 @@ class MimicBatch:
             teacher_scores=move(self.teacher_scores),
             teacher_logits=move(self.teacher_logits),
             teacher_deltas=move(self.teacher_deltas),
+            more_teacher_features=move(self.more_teacher_features),
         )
 
 
@@ -115,11 +161,8 @@ def collate_mimic(items: list[dict], *, size_divisor: int) -> MimicBatch:
     items = sorted(items, key=lambda it: not it["labelled"])  # stable: labelled first, order kept
     batch = collate(items, size_divisor=size_divisor)
     maps = [it["teacher"]["features"] for it in items]
-    h = max(m.shape[1] for m in maps)
-    w = max(m.shape[2] for m in maps)
-    features = maps[0].new_zeros((len(maps), maps[0].shape[0], h, w))
-    for k, m in enumerate(maps):
-        features[k, :, : m.shape[1], : m.shape[2]] = m
+    features = _pad_maps(maps)
+    more = [[it["more_teachers"][k] for it in items] for k in range(len(items[0].get("more_teachers", ())))]
     return MimicBatch(
         batch=batch,
         num_labelled=sum(bool(it["labelled"]) for it in items),
@@ -130,7 +173,19 @@ def collate_mimic(items: list[dict], *, size_divisor: int) -> MimicBatch:
         teacher_scores=[it["teacher"]["scores"] for it in items],
         teacher_logits=[it["teacher"]["class_logits"] for it in items],
         teacher_deltas=[it["teacher"]["box_deltas"] for it in items],
+        more_teacher_features=[_pad_maps(ms) for ms in more],
+        more_teacher_hw=[[(int(m.shape[1]), int(m.shape[2])) for m in ms] for ms in more],
     )
+
+
+def _pad_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """``[C, h_i, w_i]`` maps -> ``[N, C, max h, max w]``, zero-padded."""
+    h = max(m.shape[1] for m in maps)
+    w = max(m.shape[2] for m in maps)
+    features = maps[0].new_zeros((len(maps), maps[0].shape[0], h, w))
+    for k, m in enumerate(maps):
+        features[k, :, : m.shape[1], : m.shape[2]] = m
+    return features
 
 
 class MixedSampler:

@@ -8,6 +8,14 @@ Losses (named, summed by the trainer with per-name weights):
 - ``loss_logits`` (weight ``--logits-weight``, stage 2): L2 between the student head's class logits and box
   deltas and the teacher's stored ones, on the same teacher proposals (two-stage mimic / logits-only baseline).
 
+Several teachers (``StudentConfig.store`` a sequence of stores over the same images, ``teacher_weights`` one per
+store): the student mimics every teacher's map through its own transform ``r_k`` (student channels -> teacher k's
+channels), ``L_m = Σ_k w_k · L_m^k``, logged as ``loss_mimic`` (teacher 1, the primary store), ``loss_mimic_2``,
+``loss_mimic_3``, ... (unweighted values; the trainer applies ``λ1·w_k``). Regions are the primary teacher's
+proposals, used on every teacher's map (the maps share one grid: same preprocessing and stride, checked); the
+two-stage logits mimic matches the primary teacher's head outputs only, since each store holds logits for its
+own teacher's proposals and only the primary's are the regions the student's head sees.
+
 Geometry: the teacher map has stride ``s_t`` in teacher-input pixels. A scale-mimic student sees the image at
 half size and upsamples its stride-16 map x2, so both maps share one grid: teacher proposals (teacher pixels)
 sample both with spatial scale ``1/s_t``. For the student head they are mapped to student pixels (× input scale).
@@ -50,9 +58,15 @@ STRATEGIES = ("roi", "map", "logits", "none")
 SAMPLERS = ("roialign", "native")
 
 
+def mimic_loss_name(k: int) -> str:
+    """The logged name of teacher k's feature mimic term (0 = the primary store): loss_mimic, loss_mimic_2, ..."""
+    return "loss_mimic" if k == 0 else f"loss_mimic_{k + 1}"
+
+
 @dataclass(frozen=True)
 class StudentConfig:
-    store: str
+    # One store, or several teachers' stores over the same images (the first is the primary: proposals, logits).
+    store: str | tuple[str, ...]
     data: Path
     out: Path
     split: str = "train"
@@ -96,8 +110,41 @@ class StudentConfig:
     skip_corrupt: bool = False  # verify the shards used before training and leave damaged images out
     progress: bool = True
     storage_options: dict = field(default_factory=dict)
+    # One weight w_k per store (L_m = Σ_k w_k·L_m^k); None means 1 each. Kept last so positional use is unchanged.
+    teacher_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        stores = (self.store,) if isinstance(self.store, (str, Path)) else tuple(self.store)
+        stores = tuple(str(s) for s in stores)
+        if not stores:
+            raise ValueError("--store: give at least one feature store")
+        dup = sorted({s for s in stores if stores.count(s) > 1})
+        if dup:
+            raise ValueError(f"--store {dup[0]} is given more than once; give each teacher's store once")
+        object.__setattr__(self, "store", stores[0] if len(stores) == 1 else stores)
+        if self.teacher_weights is not None:
+            weights = tuple(float(w) for w in self.teacher_weights)
+            if len(weights) != len(stores):
+                raise ValueError(
+                    f"--teacher-weight: {len(weights)} weight(s) for {len(stores)} --store(s); give one per store "
+                    "(in the same order) or none (1 each)"
+                )
+            for url, w in zip(stores, weights):
+                if not (math.isfinite(w) and w >= 0):
+                    raise ValueError(f"--teacher-weight for {url} must be a number >= 0, got {w}")
+            # All ones is the default: normalised away so the config (and the run folder) reads the same either way.
+            object.__setattr__(self, "teacher_weights", None if all(w == 1.0 for w in weights) else weights)
+        if len(stores) > 1:
+            if self.mimic not in ("roi", "map"):
+                raise ValueError(
+                    f"several --store teachers need a feature mimic (--mimic roi or map), got --mimic {self.mimic}: "
+                    "logits are matched to the first (primary) store's teacher only"
+                )
+            if self.unlabeled:
+                raise ValueError(
+                    "--unlabeled is not supported with several --store teachers yet "
+                    "(every teacher would need a store of the unlabelled images)"
+                )
         if self.mimic not in STRATEGIES:
             raise ValueError(f"--mimic must be one of {', '.join(STRATEGIES)}, got {self.mimic!r}")
         if self.sampler not in SAMPLERS:
@@ -124,6 +171,21 @@ class StudentConfig:
             raise ValueError("--eval-every needs --eval-split: the split to evaluate on")
 
     @property
+    def stores(self) -> tuple[str, ...]:
+        """Every teacher's store, the primary first."""
+        return (self.store,) if isinstance(self.store, str) else tuple(self.store)
+
+    @property
+    def primary_store(self) -> str:
+        """The store whose proposals are the mimic regions and whose head outputs the logits mimic matches."""
+        return self.stores[0]
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """w_k per store (1 each unless ``teacher_weights`` says otherwise)."""
+        return self.teacher_weights if self.teacher_weights is not None else (1.0,) * len(self.stores)
+
+    @property
     def input_scale(self) -> float:
         return 0.5 if self.scale_mimic else 1.0
 
@@ -139,17 +201,23 @@ class StudentConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["teacher_weights"] is None:  # the default; left out so one-teacher configs read as they always have
+            del d["teacher_weights"]
         return json.loads(json.dumps(d, default=str))
 
 
 class StudentModel(nn.Module):
-    """The student detector plus the training-only transform layer ``r``. ``forward(batch)`` returns the named
-    losses, so DistributedDataParallel can wrap the whole step."""
+    """The student detector plus the training-only transform layer ``r`` (and ``r_k`` per further teacher,
+    ``more_transforms``). ``forward(batch)`` returns the named losses, so DistributedDataParallel can wrap the
+    whole step."""
 
-    def __init__(self, detector: Detector, transform: nn.Module | None, config: StudentConfig, teacher_stride: int):
+    def __init__(self, detector: Detector, transform: nn.Module | None, config: StudentConfig, teacher_stride: int,
+                 more_transforms: list[nn.Module] = ()):
         super().__init__()
         self.detector = detector
         self.transform = transform
+        # Empty for one teacher, so its state_dict (and checkpoints) keep their keys.
+        self.more_transforms = nn.ModuleList(more_transforms)
         self.cfg = config
         self.teacher_stride = teacher_stride
 
@@ -169,18 +237,10 @@ class StudentModel(nn.Module):
         if cfg.feature_mimic or self.cfg.effective_logits_weight > 0:
             rois = self._regions(mb)
         if cfg.feature_mimic:
-            teacher_map = mb.teacher_features
-            h = min(student_map.shape[-2], teacher_map.shape[-2])
-            w = min(student_map.shape[-1], teacher_map.shape[-1])
-            s_map, t_map = student_map[..., :h, :w], teacher_map[..., :h, :w]
-            valid = [(min(th, h), min(tw, w)) for th, tw in mb.teacher_hw]
-            if cfg.mimic == "roi":
-                losses["loss_mimic"] = roi_mimic_loss(
-                    s_map, t_map, rois, self.transform,
-                    spatial_scale=1.0 / self.teacher_stride, sampler=cfg.sampler, valid_hw=valid,
-                )
-            else:
-                losses["loss_mimic"] = map_mimic_loss(s_map, t_map, self.transform, valid_hw=valid)
+            teachers = [(mb.teacher_features, mb.teacher_hw, self.transform)]
+            teachers += zip(mb.more_teacher_features, mb.more_teacher_hw, self.more_transforms)
+            for k, (teacher_map, teacher_hw, transform) in enumerate(teachers):
+                losses[mimic_loss_name(k)] = self._feature_mimic(student_map, teacher_map, teacher_hw, rois, transform)
         if cfg.effective_logits_weight > 0 and det.config.head != "none":
             scale = cfg.input_scale
             student_rois = [r * scale for r in rois]
@@ -189,6 +249,19 @@ class StudentModel(nn.Module):
             t_deltas = torch.cat([td[idx] for td, idx in zip(mb.teacher_deltas, self._roi_index)])
             losses["loss_logits"] = logits_mimic_loss(logits, t_logits, deltas, t_deltas)
         return losses
+
+    def _feature_mimic(self, student_map: Tensor, teacher_map: Tensor, teacher_hw, rois, transform) -> Tensor:
+        """One teacher's ``L_m``: both maps cropped to their common grid, regions = the primary's proposals."""
+        h = min(student_map.shape[-2], teacher_map.shape[-2])
+        w = min(student_map.shape[-1], teacher_map.shape[-1])
+        s_map, t_map = student_map[..., :h, :w], teacher_map[..., :h, :w]
+        valid = [(min(th, h), min(tw, w)) for th, tw in teacher_hw]
+        if self.cfg.mimic == "roi":
+            return roi_mimic_loss(
+                s_map, t_map, rois, transform,
+                spatial_scale=1.0 / self.teacher_stride, sampler=self.cfg.sampler, valid_hw=valid,
+            )
+        return map_mimic_loss(s_map, t_map, transform, valid_hw=valid)
 
     def _regions(self, mb) -> list[Tensor]:
         """R teacher proposals per image (teacher-input pixels); remembers which, for the logits match."""
@@ -289,23 +362,34 @@ def run_train_student(cfg: StudentConfig) -> dict:
     Everything is checked before the run folder is touched; ``summary["skipped_images"]`` lists the damaged
     images left out (``--skip-corrupt``)."""
     # The teacher fixed the class order (label k+1 <-> classes[k]); read the data with the store's classes.
-    classes = open_store(cfg.store, storage_options=cfg.storage_options or None).manifest.classes
+    primary = cfg.primary_store
+    classes = open_store(primary, storage_options=cfg.storage_options or None).manifest.classes
     full = load_dataset(cfg.data, cfg.split, classes=list(classes) or None)
-    store = open_source(cfg.store, full, storage_options=cfg.storage_options)
+    store = open_source(primary, full, storage_options=cfg.storage_options)
     dataset, skipped = check_source(
         store, _labelled_subset(full, cfg), skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
     )
+    more_stores = []
+    for url in cfg.stores[1:]:
+        more = open_source(url, full, storage_options=cfg.storage_options)
+        check_same_images(store, more)
+        dataset, more_skipped = check_source(
+            more, dataset, skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
+        )
+        skipped += more_skipped
+        more_stores.append(more)
     manifest = store.manifest
     store.check_compatible(classes=dataset.classes)
     pre = _preprocess_of(store)
     flip = cfg.flip
-    if flip and not manifest.has_flips:
-        warnings.warn(
-            f"{cfg.store}: store has no flipped teacher records; flips are turned off "
-            "(re-extract with --flip to train with flips)",
-            stacklevel=2,
-        )
-        flip = False
+    for url, reader in zip(cfg.stores, (store, *more_stores)):
+        if flip and not reader.manifest.has_flips:
+            warnings.warn(
+                f"{url}: store has no flipped teacher records; flips are turned off "
+                "(re-extract with --flip to train with flips)",
+                stacklevel=2,
+            )
+            flip = False
     sources = [(dataset, store)]
     images = [DetectionImages(dataset, pre, scale=cfg.input_scale)]
     n_unl = 0
@@ -315,12 +399,12 @@ def run_train_student(cfg: StudentConfig) -> dict:
         unl_store = open_source(cfg.unlabeled, unl, storage_options=cfg.storage_options)
         if unl_store.manifest.teacher_sha256 != manifest.teacher_sha256:
             raise StoreError(
-                f"{cfg.unlabeled}: made by teacher {unl_store.manifest.teacher_sha256[:12]}, but {cfg.store} by "
+                f"{cfg.unlabeled}: made by teacher {unl_store.manifest.teacher_sha256[:12]}, but {primary} by "
                 f"{manifest.teacher_sha256[:12]}; both stores must come from the same teacher"
             )
         unl_store.check_compatible(preprocess=pre, stride=manifest.stride, channels=manifest.channels)
         if flip and not unl_store.manifest.has_flips:
-            raise StoreError(f"{cfg.unlabeled}: has no flipped records but {cfg.store} does; extract both alike")
+            raise StoreError(f"{cfg.unlabeled}: has no flipped records but {primary} does; extract both alike")
         unl, unl_skipped = check_source(
             unl_store, unl, skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
         )
@@ -334,14 +418,21 @@ def run_train_student(cfg: StudentConfig) -> dict:
     # One grid for both maps: student stride (in its own pixels) / input scale == teacher stride.
     if student.feature_stride / cfg.input_scale != manifest.stride:
         raise StoreError(
-            f"{cfg.store}: store features.stride {manifest.stride} != student stride "
+            f"{primary}: store features.stride {manifest.stride} != student stride "
             f"{student.feature_stride} at input scale {cfg.input_scale}"
             + ("" if cfg.scale_mimic else " (scale mimic needs --scale-mimic)")
         )
     transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=manifest.channels) if cfg.feature_mimic else None
-    model = StudentModel(student, transform, cfg, manifest.stride)
+    # One r_k per further teacher (its own width: student channels -> that teacher's channels).
+    more_transforms = [
+        MimicTransform(student_channels=student.feature_channels, teacher_channels=m.manifest.channels)
+        for m in more_stores
+    ]
+    model = StudentModel(student, transform, cfg, manifest.stride, more_transforms)
 
     meta = _student_meta(cfg, dataset, manifest, pre)
+    if more_stores:
+        meta["teachers"] = teachers_meta(cfg, [store, *more_stores])
     train_cfg = TrainConfig(
         iters=cfg.iters,
         optim=OptimConfig(
@@ -374,7 +465,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
         import torch.distributed as dist
 
         dist.barrier()  # the run folder is ready before any process reads a checkpoint from it
-    mimic_images = MimicImages(sources, images)
+    mimic_images = MimicImages(sources, images, more_teachers=more_stores)
 
     def batches(start_iter: int):
         sampler = MixedSampler(
@@ -396,7 +487,8 @@ def run_train_student(cfg: StudentConfig) -> dict:
         batches=batches,
         out_dir=cfg.out,
         hooks=hooks,
-        loss_weights={"loss_mimic": cfg.mimic_weight, "loss_logits": cfg.effective_logits_weight},
+        loss_weights={"loss_logits": cfg.effective_logits_weight}
+        | {mimic_loss_name(k): cfg.mimic_weight * w for k, w in enumerate(cfg.weights)},
         meta=meta,
     )
     try:
@@ -413,6 +505,43 @@ def run_train_student(cfg: StudentConfig) -> dict:
     summary["world_size"] = world
     summary["skipped_images"] = [asdict(k) for k in skipped]
     return summary
+
+
+# Manifest fields (as diff_fields names them) that must agree between the stores of several teachers: the same
+# images, preprocessed alike, on one feature grid. Teacher identity, width, channels, dtype and head may differ.
+_SAME_IMAGES_FIELDS = ("dataset.name", "dataset.split", "dataset.digest", "dataset.image_ids", "features.stride")
+
+
+def check_same_images(primary: StoreReader, other: StoreReader) -> None:
+    """Refuse, naming both stores and every field that differs, a further teacher's store that does not describe
+    the primary store's dataset and preprocessing (its map would sit on another grid or another image)."""
+    diffs = [
+        f"{path} {b} != {a}"
+        for path, a, b in primary.manifest.diff_fields(other.manifest)
+        if path in _SAME_IMAGES_FIELDS or path == "preprocess" or path.startswith("preprocess.")
+    ]
+    if diffs:
+        raise StoreError(
+            f"{other.url} and {primary.url}: the stores of several teachers must describe the same dataset and "
+            f"preprocessing; {other.url} differs from {primary.url} in {'; '.join(diffs)}"
+        )
+
+
+def teachers_meta(cfg: StudentConfig, stores: list[StoreReader]) -> list[dict]:
+    """What a several-teacher checkpoint records of its teachers, in --store order (the first is the primary)."""
+    return [
+        {
+            "store": url,
+            "weight": w,
+            "loss": mimic_loss_name(k),
+            "teacher_sha256": s.manifest.teacher_sha256,
+            "teacher_width": s.manifest.teacher_width,
+            "teacher_head": s.manifest.teacher_head,
+            "channels": s.manifest.channels,
+            "dtype": s.manifest.dtype,
+        }
+        for k, (url, s, w) in enumerate(zip(cfg.stores, stores, cfg.weights))
+    ]
 
 
 def _dist_rank_world() -> tuple[int, int]:
