@@ -522,6 +522,49 @@ class TestZarrStore(StoreTests):
         assert [c["name"] for c in codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
 
 
+    @pytest.mark.parametrize("dtype", ["float16", "int8"])
+    def test_direct_reads_equal_zarrs_own_decoder(self, tmp_path, dtype):
+        from data._store_zarr import ZarrBackend
+
+        store = self.filled(tmp_path / "s", dtype=dtype, flips=(False, True))  # last shard holds 2 of 4 images
+        reader = open_store(str(store))
+        direct = reader._backend
+        assert direct._direct_reader() is not None  # the fast path is taken for this layout
+        plain = ZarrBackend(direct.location, reader.manifest, writable=False)
+        for prefix in ("", "flip/"):
+            for i in range(N_IMAGES):
+                got, want = direct.read_image(i, prefix), plain.read_image(i, prefix)
+                assert sorted(got) == sorted(want)
+                for name in want:
+                    assert got[name].dtype == want[name].dtype and got[name].flags.writeable
+                    np.testing.assert_array_equal(got[name], want[name], err_msg=f"{prefix}{name} image {i}")
+            for shard in range(3):
+                got, want = direct.read_shard(shard, prefix), plain.read_shard(shard, prefix)
+                for name in want:
+                    np.testing.assert_array_equal(got[name], want[name], err_msg=f"{prefix}{name} shard {shard}")
+
+    def test_direct_reads_see_a_rewritten_shard(self, tmp_path):
+        store = self.filled(tmp_path / "s")
+        reader = open_store(str(store))
+        before = reader.read(5).features  # caches shard 1's indexes
+        write_shards(str(store), [1], seed=7)  # other content, other chunk sizes
+        time.sleep(0.01)
+        assert_same(reader.read(5), make_item(reader.manifest, 5, seed=7))
+        assert not np.array_equal(before, reader.read(5).features)
+
+    def test_direct_reads_refuse_a_damaged_chunk_or_index(self, tmp_path):
+        store = self.filled(tmp_path / "s")
+        path, offset, length = self.chunk_location(store, self.marker(store, 1), 1, 2)
+        flip_byte(path, offset + length // 2)
+        reader = open_store(str(store))
+        assert_same(reader.read(5), make_item(reader.manifest, 5))  # the other chunks still read
+        with pytest.raises(StoreError, match=r"shard 1 image 6 \('img006'\): cannot be read .*checksum"):
+            reader.read(6)
+        flip_byte(path, path.stat().st_size - 10)  # inside the shard index
+        with pytest.raises(StoreError, match=r"shard 1 image 4 .*checksum"):
+            open_store(str(store)).read(4)
+
+
 class TestHdf5Store(StoreTests):
     backend = "hdf5"
 
