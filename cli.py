@@ -232,7 +232,9 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int))
 @click.option("--aspect-ratios", default="0.5,1,2", show_default=True, callback=_csv(float), help="height/width ratios.")
-@click.option("--unlabeled", default=None, help="Store of extra images without labels (mimic loss only).")
+@click.option("--unlabeled", multiple=True,
+              help="Store of extra images without labels (mimic loss only). With several --store teachers, repeat it: "
+                   "each teacher's store of those images, in --store order.")
 @click.option("--unlabeled-data", type=click.Path(exists=True), default=None, help="Where the --unlabeled images are.")
 @click.option("--unlabeled-split", default="train", show_default=True)
 @click.option("--unlabeled-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each batch drawn from --unlabeled.")
@@ -258,10 +260,11 @@ def train_student_command(store, teacher_weights, data, split, out, width, stage
     from student.train import StudentConfig, run_train_student
 
     summary = run_train_student(StudentConfig(
-        store=store[0] if len(store) == 1 else store, teacher_weights=teacher_weights or None, data=Path(data), split=split, out=Path(out), width=width, stage=stage,
-        init=Path(init) if init else None, head=head, mimic=mimic, sampler=sampler, mimic_weight=mimic_weight,
-        logits_weight=logits_weight, scale_mimic=scale_mimic, rois_per_image=rois_per_image, flip=flip, iters=iters,
-        batch_size=batch_size, lr=lr, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios, unlabeled=unlabeled,
+        store=store, teacher_weights=teacher_weights or None, data=Path(data), split=split, out=Path(out), width=width,
+        stage=stage, init=Path(init) if init else None, head=head, mimic=mimic, sampler=sampler,
+        mimic_weight=mimic_weight, logits_weight=logits_weight, scale_mimic=scale_mimic, rois_per_image=rois_per_image, flip=flip, iters=iters,
+        batch_size=batch_size, lr=lr, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
+        unlabeled=unlabeled or None,
         unlabeled_data=Path(unlabeled_data) if unlabeled_data else None, unlabeled_split=unlabeled_split,
         unlabeled_fraction=unlabeled_fraction, subset=subset, seed=seed, device=device, workers=workers,
         eval_every=eval_every, eval_split=eval_split, checkpoint_every=checkpoint_every, skip_corrupt=skip_corrupt,

@@ -10,9 +10,11 @@ pixels, scores ``[k]``, class logits ``[k, Kc]``, box deltas ``[k, 4Kc]``.
 
 A batch (:class:`MimicBatch`) holds labelled images first, then unlabelled ones (mimic only).
 
-Several teachers: ``MimicImages(..., more_teachers=[store_2, ...])`` also reads, for every image, the feature map of
-each further teacher's store (same images, same preprocessing; proposals and head outputs come from the first,
-primary, store only), batched as ``MimicBatch.more_teacher_features[k]`` ``float32[N, Ct_k, Hf, Wf]``.
+Several teachers: ``MimicImages(..., more_teachers=[t_2, ...])`` also reads, for every image, the feature map of
+each further teacher (same images, same preprocessing; proposals and head outputs come from the first, primary,
+store only), batched as ``MimicBatch.more_teacher_features[k]`` ``float32[N, Ct_k, Hf, Wf]``. A further teacher
+``t_k`` is one store per source (its records of the labelled images, of the unlabelled ones), or one store that
+holds the images of every source.
 
 Damaged data stops training with a StoreError (or DataError for an unreadable image) naming the store, shard and
 image, raised in the training process even when DataLoader workers hit it. :func:`check_source` runs before
@@ -44,28 +46,37 @@ MixedKey = tuple[int, int, bool, int]
 class MimicImages(torch.utils.data.Dataset):
     """One or two (dataset, store) sources; ``__getitem__((source, index, flip, iteration))``.
 
-    ``more_teachers``: stores of further teachers holding every image of every source; their feature maps are
-    read alongside the source's record (``item["more_teachers"]``, one ``float32[Ct_k, h, w]`` per store)."""
+    ``more_teachers``: one entry per further teacher, its store for each source (or one store for every source);
+    their feature maps are read alongside the source's record (``item["more_teachers"]``, one
+    ``float32[Ct_k, h, w]`` per further teacher)."""
 
     def __init__(
         self,
         sources: list[tuple[Dataset, StoreReader]],
         images: list[DetectionImages],
         *,
-        more_teachers: Sequence[StoreReader] = (),
+        more_teachers: Sequence[StoreReader | Sequence[StoreReader]] = (),
     ):
         self.sources = sources
         self.images = images
-        self.more_teachers = list(more_teachers)
+        # per further teacher, per source: its store.
+        self.more_teachers = [
+            [t] * len(sources) if isinstance(t, StoreReader) else list(t) for t in more_teachers
+        ]
+        for k, stores in enumerate(self.more_teachers):
+            if len(stores) != len(sources):
+                raise ValueError(
+                    f"more_teachers[{k}]: {len(stores)} stores for {len(sources)} sources; give one per source"
+                )
         # dataset index -> store index, per source (stores are addressed by image id, not position).
         self._store_index = [
             np.array([store.index_of(r.image_id) for r in ds.records], np.int64) for ds, store in sources
         ]
         # per further teacher, per source: dataset index -> index in that teacher's store.
         self._more_index = []
-        for store in self.more_teachers:
+        for stores in self.more_teachers:
             per_source = []
-            for ds, _ in sources:
+            for (ds, _), store in zip(sources, stores):
                 missing = [r.image_id for r in ds.records if r.image_id not in store]
                 if missing:
                     raise StoreError(
@@ -93,7 +104,9 @@ class MimicImages(torch.utils.data.Dataset):
         }
         if self.more_teachers:
             item["more_teachers"] = [
-                torch.from_numpy(_read_checked(more, int(idx[source][index]), flip, names=("features",)).features)
+                torch.from_numpy(
+                    _read_checked(more[source], int(idx[source][index]), flip, names=("features",)).features
+                )
                 for more, idx in zip(self.more_teachers, self._more_index)
             ]
         if source == 1:

@@ -92,7 +92,7 @@ class StudentConfig:
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     rpn_channels: int | None = None
-    unlabeled: str | None = None  # store of images without labels (mimic only)
+    unlabeled: str | tuple[str, ...] | None = None  # store of images without labels (mimic only); one per teacher
     unlabeled_data: Path | None = None  # where those images are
     unlabeled_split: str = "train"
     unlabeled_fraction: float = 0.5
@@ -140,11 +140,15 @@ class StudentConfig:
                     f"several --store teachers need a feature mimic (--mimic roi or map), got --mimic {self.mimic}: "
                     "logits are matched to the first (primary) store's teacher only"
                 )
-            if self.unlabeled:
+        if self.unlabeled is not None:
+            unl = (self.unlabeled,) if isinstance(self.unlabeled, (str, Path)) else tuple(self.unlabeled)
+            unl = tuple(str(u) for u in unl)
+            if unl and len(unl) != len(stores):
                 raise ValueError(
-                    "--unlabeled is not supported with several --store teachers yet "
-                    "(every teacher would need a store of the unlabelled images)"
+                    f"--unlabeled: {len(unl)} store(s) for {len(stores)} --store teacher(s); give each teacher's "
+                    "store of the unlabelled images, in --store order"
                 )
+            object.__setattr__(self, "unlabeled", None if not unl else unl[0] if len(unl) == 1 else unl)
         if self.mimic not in STRATEGIES:
             raise ValueError(f"--mimic must be one of {', '.join(STRATEGIES)}, got {self.mimic!r}")
         if self.sampler not in SAMPLERS:
@@ -174,6 +178,13 @@ class StudentConfig:
     def stores(self) -> tuple[str, ...]:
         """Every teacher's store, the primary first."""
         return (self.store,) if isinstance(self.store, str) else tuple(self.store)
+
+    @property
+    def unlabeled_stores(self) -> tuple[str, ...]:
+        """Each teacher's store of the unlabelled images, in ``stores`` order (empty without ``unlabeled``)."""
+        if self.unlabeled is None:
+            return ()
+        return (self.unlabeled,) if isinstance(self.unlabeled, str) else tuple(self.unlabeled)
 
     @property
     def primary_store(self) -> str:
@@ -393,24 +404,33 @@ def run_train_student(cfg: StudentConfig) -> dict:
     sources = [(dataset, store)]
     images = [DetectionImages(dataset, pre, scale=cfg.input_scale)]
     n_unl = 0
+    more_teachers = [[m] for m in more_stores]  # per further teacher, its store per source
     if cfg.unlabeled:
         unl = load_dataset(cfg.unlabeled_data, cfg.unlabeled_split, classes=list(classes) or None)
         unl = replace(unl, records=tuple(replace(r, labelled=False) for r in unl.records))
-        unl_store = open_source(cfg.unlabeled, unl, storage_options=cfg.storage_options)
-        if unl_store.manifest.teacher_sha256 != manifest.teacher_sha256:
-            raise StoreError(
-                f"{cfg.unlabeled}: made by teacher {unl_store.manifest.teacher_sha256[:12]}, but {primary} by "
-                f"{manifest.teacher_sha256[:12]}; both stores must come from the same teacher"
+        unl_readers = []
+        # Teacher k's store of the unlabelled images comes from teacher k (the same one as its labelled store).
+        for k, (unl_url, url, lab) in enumerate(zip(cfg.unlabeled_stores, cfg.stores, (store, *more_stores))):
+            unl_store = open_source(unl_url, unl, storage_options=cfg.storage_options)
+            if unl_store.manifest.teacher_sha256 != lab.manifest.teacher_sha256:
+                raise StoreError(
+                    f"{unl_url}: made by teacher {unl_store.manifest.teacher_sha256[:12]}, but {url} by "
+                    f"{lab.manifest.teacher_sha256[:12]}; both stores must come from the same teacher"
+                )
+            unl_store.check_compatible(preprocess=pre, stride=manifest.stride, channels=lab.manifest.channels)
+            if k:
+                check_same_images(unl_readers[0], unl_store)
+            if flip and not unl_store.manifest.has_flips:
+                raise StoreError(f"{unl_url}: has no flipped records but {url} does; extract both alike")
+            unl, unl_skipped = check_source(
+                unl_store, unl, skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
             )
-        unl_store.check_compatible(preprocess=pre, stride=manifest.stride, channels=manifest.channels)
-        if flip and not unl_store.manifest.has_flips:
-            raise StoreError(f"{cfg.unlabeled}: has no flipped records but {primary} does; extract both alike")
-        unl, unl_skipped = check_source(
-            unl_store, unl, skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
-        )
-        skipped += unl_skipped
-        sources.append((unl, unl_store))
+            skipped += unl_skipped
+            unl_readers.append(unl_store)
+        sources.append((unl, unl_readers[0]))
         images.append(DetectionImages(unl, pre, scale=cfg.input_scale))
+        for per_source, unl_store in zip(more_teachers, unl_readers[1:]):
+            per_source.append(unl_store)
         n_unl = len(unl)
 
     torch.manual_seed(cfg.seed)  # the student's initial weights
@@ -465,7 +485,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
         import torch.distributed as dist
 
         dist.barrier()  # the run folder is ready before any process reads a checkpoint from it
-    mimic_images = MimicImages(sources, images, more_teachers=more_stores)
+    mimic_images = MimicImages(sources, images, more_teachers=more_teachers)
 
     def batches(start_iter: int):
         sampler = MixedSampler(

@@ -33,7 +33,7 @@ CH_A, CH_B = 104, 208
 def setup(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("multi")
-    make_squares_voc(root / "voc", {"train": 8, "test": 2})
+    make_squares_voc(root / "voc", {"train": 8, "pool": 4, "test": 2})
     make_tiny_teacher(root / "a.pt", width=WIDTH_A, seed=0)
     make_tiny_teacher(root / "b.pt", width=WIDTH_B, seed=1)
     make_tiny_teacher(root / "c.pt", width=WIDTH_A, seed=2, size=48)  # another preprocessing (48 px inputs)
@@ -41,6 +41,9 @@ def setup(tmp_path_factory):
     run_extract(ExtractConfig(teacher=root / "a.pt", out=str(root / "store-a"), flip=True, **common))
     run_extract(ExtractConfig(teacher=root / "b.pt", out=str(root / "store-b"), **common))  # no flipped records
     run_extract(ExtractConfig(teacher=root / "c.pt", out=str(root / "store-c"), **common))
+    pool = {**common, "split": "pool"}
+    run_extract(ExtractConfig(teacher=root / "a.pt", out=str(root / "pool-a"), **pool))
+    run_extract(ExtractConfig(teacher=root / "b.pt", out=str(root / "pool-b"), **pool))
     return root
 
 
@@ -207,10 +210,30 @@ def test_a_store_of_another_dataset_is_refused(setup, tmp_path):
         run_train_student(cfg)
 
 
+def test_unlabelled_images_with_two_teachers(setup, tmp_path):
+    """Each teacher brings its store of the unlabelled images (--unlabeled in --store order); they add mimic
+    terms for both teachers."""
+    out = tmp_path / "unl"
+    args = ["train-student", "--store", str(setup / "store-a"), "--store", str(setup / "store-b"),
+            "--data", str(setup / "voc"), "--out", str(out), "--width", "1/8", "--iters", "2", "--batch-size", "4",
+            "--workers", "0", "--rois-per-image", "8", "--anchor-sizes", "16,32", "--unlabeled-data", str(setup / "voc"),
+            "--unlabeled-split", "pool"]
+    r = CliRunner().invoke(main, [*args, "--unlabeled", str(setup / "pool-a"), "--unlabeled", str(setup / "pool-b")])
+    assert r.exit_code == 0, r.output
+    (row,) = _rows(out)
+    assert row["loss_mimic"] > 0 and row["loss_mimic_2"] > 0
+    # In the wrong order, teacher 2's unlabelled store is teacher 1's: refused, naming both.
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "swapped"), "--unlabeled", str(setup / "pool-b"),
+                                  "--unlabeled", str(setup / "pool-a")])
+    assert r.exit_code == 1 and "both stores must come from the same teacher" in r.output, r.output
+    assert str(setup / "pool-b") in r.output and str(setup / "store-a") in r.output
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one"), "--unlabeled", str(setup / "pool-a")])
+    assert r.exit_code == 1 and "1 store(s) for 2 --store teacher(s)" in r.output, r.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["--teacher-weight", "1"], "1 weight(s) for 2 --store(s)"),
     (["--mimic", "none"], "need a feature mimic"),
-    (["--unlabeled", "x", "--unlabeled-data", "."], "--unlabeled is not supported with several"),
 ])
 def test_cli_refuses_what_several_teachers_cannot_do(setup, tmp_path, args, message):
     r = CliRunner().invoke(main, ["train-student", "--store", str(setup / "store-a"), "--store", str(setup / "store-b"),
