@@ -25,6 +25,7 @@ The teacher is never imported here (see student/stream.py): only its stored reco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import math
 import shutil
@@ -223,7 +224,7 @@ class StudentModel(nn.Module):
     whole step."""
 
     def __init__(self, detector: Detector, transform: nn.Module | None, config: StudentConfig, teacher_stride: int,
-                 more_transforms: list[nn.Module] = ()):
+                 more_transforms: Sequence[nn.Module] = ()):
         super().__init__()
         self.detector = detector
         self.transform = transform
