@@ -25,11 +25,11 @@ The teacher is never imported here (see student/stream.py): only its stored reco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
 import math
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
