@@ -1,14 +1,17 @@
 """The feature store: the on-disk contract between the teacher (writer) and the student (reader).
 
 Per image i (dataset order), stored in shard ``i // S``:
-    features      C×Hmax×Wmax  float16, or int8 with ``scale`` float32[C] (symmetric: q = round(x / scale),
-                  scale = max|x| / 127 per channel of this image); zero-padded beyond ``feature_hw``
+    features      C×Hmax×Wmax  float16, or int8 with ``scale`` R[C] (symmetric: q = round(x / scale),
+                  scale = max|x| / 127 per channel of this image, rounded up to R); zero-padded beyond
+                  ``feature_hw``
     feature_hw    int32[2]     the map's real h, w (cells of stride ``manifest.stride`` input pixels)
-    proposals     float32[K,4] x1y1x2y2 in the preprocessed input's pixels, best first, zero-padded
-    scores        float32[K]
+    proposals     R[K,4]       x1y1x2y2 in the preprocessed input's pixels, best first, zero-padded
+    scores        R[K]
     num_proposals int32        k <= K valid rows
-    class_logits  float32[K,Kc], box_deltas float32[K,4·Kc]: the teacher head's outputs on those proposals
-and the same under ``flip/`` when horizontally flipped copies were extracted. Kc counts background.
+    class_logits  R[K,Kc], box_deltas R[K,4·Kc]: the teacher head's outputs on those proposals
+and the same under ``flip/`` when horizontally flipped copies were extracted. Kc counts background. R is
+``manifest.records_dtype``: float32, or float16 in int8 stores (format version 2; version-1 stores, float32
+throughout, are still read). Readers always get float32.
 
 A shard is complete iff its marker ``_complete/shard-NNNNN.json`` exists; the marker is written atomically after
 every object of the shard, and records each object's size and crc32c (checked by ``verify_store``). Writers
@@ -87,16 +90,23 @@ class ImageFeatures:
 # ---------------------------------------------------------------------------------------------- packing
 
 
-def quantise_int8(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float[C,h,w] -> (int8[C,h,w], scale float32[C]); symmetric per channel, |error| <= scale / 2.
-    A non-finite channel keeps a non-finite scale, so the reader (and verify) still sees it."""
+def quantise_int8(features: np.ndarray, scale_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """float[C,h,w] -> (int8[C,h,w], scale[C] of `scale_dtype`); symmetric per channel, |error| <= scale / 2.
+    A float16 scale is max|x| / 127 rounded up to the next float16, so no code is clipped and the bound holds for
+    the stored scale. A non-finite channel keeps a non-finite scale, so the reader (and verify) still sees it."""
     x = features.astype(np.float32, copy=False)
     amax = np.abs(x).reshape(len(x), -1).max(axis=1)
     scale = (amax / 127.0).astype(np.float32)
+    if scale_dtype == "float16":
+        with np.errstate(over="ignore"):
+            half = scale.astype(np.float16)
+        low = np.isfinite(scale) & (half.astype(np.float32) < scale)
+        half[low] = np.nextafter(half[low], np.float16(np.inf))
+        scale = half.astype(np.float32)  # exactly representable: the float16 values, as float32
     safe = np.where(np.isfinite(scale) & (scale > 0), scale, np.float32(1.0))
     with np.errstate(invalid="ignore"):
         q = np.clip(np.rint(x / safe[:, None, None]), -127, 127)
-    return np.nan_to_num(q, nan=0.0).astype(np.int8), scale
+    return np.nan_to_num(q, nan=0.0).astype(np.int8), scale.astype(scale_dtype)
 
 
 def _pack(manifest: Manifest, items: Sequence[ImageFeatures], where: str) -> dict[str, np.ndarray]:
@@ -131,7 +141,7 @@ def _pack(manifest: Manifest, items: Sequence[ImageFeatures], where: str) -> dic
             )
         h, w = f.shape[1:]
         if manifest.dtype == "int8":
-            out["features"][j, :, :h, :w], out["scale"][j] = quantise_int8(f)
+            out["features"][j, :, :h, :w], out["scale"][j] = quantise_int8(f, manifest.records_dtype)
         else:
             with np.errstate(over="ignore"):
                 out["features"][j, :, :h, :w] = f
@@ -144,7 +154,16 @@ def _pack(manifest: Manifest, items: Sequence[ImageFeatures], where: str) -> dic
         out["feature_hw"][j] = (h, w)
         out["num_proposals"][j] = k
         for name, a in rows.items():
-            out[name][j, :k] = a
+            with np.errstate(over="ignore"):
+                out[name][j, :k] = a
+        if manifest.records_dtype == "float16" and not bad:
+            over = [n for n in (*rows, "scale") if n in out and not np.isfinite(out[n][j]).all()]
+            if over:
+                warnings.warn(
+                    f"{tag}: {', '.join(over)} beyond the float16 range (|x| > 65504) stored as Inf",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     return out
 
 

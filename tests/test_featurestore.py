@@ -99,7 +99,10 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def assert_same(got: ImageFeatures, want: ImageFeatures, *, features_tol: np.ndarray | None = None) -> None:
+def assert_same(
+    got: ImageFeatures, want: ImageFeatures, *, features_tol: np.ndarray | None = None, records: str = "float32"
+) -> None:
+    """`records`: the store's records dtype; float16 records read back as exactly the float16 rounding."""
     assert got.image_id == want.image_id
     assert got.features.dtype == np.float32 and got.features.shape == want.features.shape
     if features_tol is None:  # float16: exactly the fp16 rounding of what was written
@@ -107,7 +110,9 @@ def assert_same(got: ImageFeatures, want: ImageFeatures, *, features_tol: np.nda
     else:
         assert (np.abs(got.features - want.features) <= features_tol).all()
     for name in ("proposals", "scores", "class_logits", "box_deltas"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert getattr(got, name).dtype == np.float32
+        expected = getattr(want, name).astype(records).astype(np.float32)
+        np.testing.assert_array_equal(getattr(got, name), expected, err_msg=name)
 
 
 class StoreTests:
@@ -154,10 +159,33 @@ class StoreTests:
     def test_round_trip_int8_within_half_scale(self, tmp_path):
         store = self.filled(tmp_path / "s", dtype="int8")
         reader = open_store(str(store))
+        assert reader.manifest.records_dtype == "float16"  # the compact default for int8
         for i in range(N_IMAGES):
             want = make_item(reader.manifest, i)
             scale = np.abs(want.features).max(axis=(1, 2)) / 127
+            scale16 = scale * (1 + 2.0**-10)  # the float16 scale is rounded up by less than one float16 step
+            assert_same(reader.read(i), want, features_tol=scale16[:, None, None] / 2 + 1e-6, records="float16")
+
+    def test_int8_with_float32_records_is_exact_on_records(self, tmp_path):
+        store = self.filled(tmp_path / "s", dtype="int8", records_dtype="float32")
+        reader = open_store(str(store))
+        assert reader.manifest.quantisation == "per-channel-symmetric"
+        for i in (0, 5, 9):
+            want = make_item(reader.manifest, i)
+            scale = np.abs(want.features).max(axis=(1, 2)) / 127
             assert_same(reader.read(i), want, features_tol=scale[:, None, None] / 2 + 1e-6)
+
+    def test_a_format_version_1_store_is_still_read(self, tmp_path):
+        """Version 1 (before ``proposals.dtype``): float32 records, no such field in the manifest."""
+        store = self.filled(tmp_path / "s", dtype="int8", format_version=1)
+        doc = json.loads((store / "manifest.json").read_text())
+        assert doc["format_version"] == 1 and "dtype" not in doc["proposals"]
+        reader = open_store(str(store))
+        assert reader.manifest.records_dtype == "float32" and reader.manifest.arrays()["scale"][1] == "float32"
+        want = make_item(reader.manifest, 5)
+        scale = np.abs(want.features).max(axis=(1, 2)) / 127
+        assert_same(reader.read(5), want, features_tol=scale[:, None, None] / 2 + 1e-6)
+        assert verify_store(str(store)).ok
 
     def test_all_zero_shard_round_trips(self, tmp_path):
         """A shard equal to the fill value everywhere (no proposals, zero maps) is still written and marked."""
@@ -589,7 +617,9 @@ def test_manifest_json_round_trip():
     assert back == m and back.diff(m) == []
     doc = json.loads(m.to_json())
     assert doc["dataset"]["num_images"] == 10 and doc["layout"]["num_shards"] == 3
-    assert doc["features"]["quantisation"] == "per-channel-symmetric" and doc["proposals"]["num_classes"] == 3
+    assert doc["features"]["quantisation"] == "per-channel-symmetric, float16 scale rounded up"
+    assert doc["proposals"]["num_classes"] == 3 and doc["proposals"]["dtype"] == "float16"
+    assert doc["format_version"] == 2
 
 
 @pytest.mark.parametrize(
@@ -641,6 +671,22 @@ def test_quantise_int8_known_answer():
     np.testing.assert_allclose(scale, [2.0, 0.0, 0.01], rtol=1e-6)
     np.testing.assert_array_equal(q, [[[-127, 0, 64]], [[0, 0, 0]], [[127, -64, 30]]])
     assert q.dtype == np.int8
+
+
+def test_quantise_int8_float16_scale_rounds_up():
+    from data.featurestore import quantise_int8
+
+    # Channel 2: max 1.3208, scale 0.0104, whose nearest float16 (0.0103989) is below it; the stored scale is the
+    # next float16 up, 0.0104065, so 1.3208 / 0.0104065 = 126.9 -> 127 is not clipped. 2.0 and 0.0 are exact.
+    x = np.array([[[-254.0, 0.0, 127.0]], [[0.0, 0.0, 0.0]], [[1.3208, -0.6604, 0.3]]], np.float32)
+    q, scale = quantise_int8(x, "float16")
+    assert scale.dtype == np.float16
+    assert scale[0] == 2.0 and scale[1] == 0.0
+    assert np.float16(np.float32(1.3208) / 127) < np.float32(1.3208) / 127  # the case this test is about
+    assert scale[2] == np.nextafter(np.float16(np.float32(1.3208) / 127), np.float16(1))
+    np.testing.assert_array_equal(q, [[[-127, 0, 64]], [[0, 0, 0]], [[127, -63, 29]]])
+    err = np.abs(q * scale.astype(np.float32)[:, None, None] - x)
+    assert (err <= scale.astype(np.float32)[:, None, None] / 2 + 1e-7).all()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
