@@ -73,7 +73,9 @@ class ExportConfig:
     width: int | None = None
     opset: int = 17
     verify: bool = True  # compare the written file with PyTorch before renaming it into place
-    atol: float = 1e-3  # pixels for boxes, probability for scores
+    # pixels for boxes, probability for scores; onnxruntime's float32 sums differ from PyTorch's by ~1e-5
+    # relative, so a 1e-3 px bound is at the edge for boxes of a few hundred pixels.
+    atol: float = 1e-2
     overwrite: bool = False
 
     def __post_init__(self) -> None:
