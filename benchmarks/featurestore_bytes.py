@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -97,6 +98,8 @@ def measure_store(url: str, manifest: Manifest, backend: str, items: list, feats
     shard_ms = best_of(3, lambda: [reader.read_shard(s) for s in range(manifest.num_shards)]) / n * 1e3
     cached_ms = best_of(3, walk_with_cache) / n * 1e3
     return {
+        "records_dtype": manifest.records_dtype,
+        "format_version": manifest.format_version,
         "bytes_per_image": info["bytes_per_image"],
         "features_bytes_per_image": features_bytes,
         "compression_ratio_vs_float32": info["compression_ratio"],
@@ -129,6 +132,10 @@ def main() -> None:
     raw_features = C * H * W * 4
     raw_total = raw_features + K * (4 + 1 + 2 + 8) * 4
     results: dict = {
+        "command": "python benchmarks/featurestore_bytes.py",
+        "load_avg_start": list(os.getloadavg()),
+        "note": "read_* are wall ms per image, best of 3 passes (the machine is shared); int8 stores keep their "
+                "records (proposals, scores, logits, deltas, scale) in float16 since format version 2",
         "map": {"channels": C, "h": H, "w": W, "zero_fraction": float((feats == 0).mean())},
         "proposals": K,
         "images": n,
@@ -162,6 +169,7 @@ def main() -> None:
                 row = measure_store(f"{tmp}/store", manifest, backend, items, feats)
             results["stores"].append({"backend": backend, "dtype": dtype, **row})
             print(json.dumps(results["stores"][-1]))
+    results["load_avg_end"] = list(os.getloadavg())
     out = REPO / "benchmarks" / "results" / "featurestore_bytes.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

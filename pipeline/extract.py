@@ -6,9 +6,13 @@ Shapes per image i: features ``[C, h_i, w_i]`` (stride-16 map of the preprocesse
 box deltas ``float32[k, 4·Kc]`` (k <= K = ``--proposals``).
 
 Work is organised by shard (S consecutive images): a shard is computed and written as one unit, so a killed run
-leaves complete shards only and ``--resume`` redoes just the pending ones. Locally, a DataLoader decodes images in
-worker processes and a writer thread compresses and writes the previous shard while the teacher computes the next
-(bounded queue: memory stays flat). With Dask (``pipeline/distributed.py``) each task is one shard.
+leaves complete shards only and ``--resume`` redoes just the pending ones. With the teacher on an accelerator, a
+DataLoader decodes images in worker processes and a writer thread compresses and writes the previous shard while
+the teacher computes the next (bounded queue: memory stays flat). With the teacher on the CPU its forward pass
+already keeps every core busy (torch's intra-op threads), so decoding and writing run in line, between batches:
+extra processes and threads only take cores away from the forward mid-operation, which costs it more than the
+few milliseconds per image they do (benchmarks/extract.py). With Dask (``pipeline/distributed.py``) each task is
+one shard.
 
 A run that fails on bad input or a write error (disk full) says how many shards are complete; a first run that
 completed none removes the store it created, so the location is left as it was.
@@ -16,6 +20,7 @@ completed none removes the store it created, so the location is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -54,7 +59,8 @@ class ExtractConfig:
     scheduler: str | None = None  # address of an existing Dask scheduler (other machines)
     mode: str = "create"  # "create" | "resume" | "overwrite"
     device: str = "auto"
-    loader_workers: int = 2
+    loader_workers: int | None = None  # image-decoding processes; None: 0 with the teacher on the CPU, else 2
+    writer_thread: bool | None = None  # write shards in a background thread; None: only off the CPU
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
 
@@ -146,7 +152,8 @@ def extract_shard(
     for flip in flips:
         items: list[ImageFeatures] = []
         for start in range(0, len(records), batch_size):
-            batch = collate([images[(i, flip)] for i in range(start, min(start + batch_size, len(records)))])
+            with _torch_threads(1):  # decoding in line: see _local_batches
+                batch = collate([images[(i, flip)] for i in range(start, min(start + batch_size, len(records)))])
             outs = teacher_pass(teacher, batch.images, batch.image_sizes, top_k=top_k, device=device)
             items += [_to_features(records[start + j], o) for j, o in enumerate(outs)]
         out[flip] = items
@@ -182,8 +189,27 @@ def _collate_or_fail(items: list):
     return failed if failed is not None else collate(items)
 
 
+def loader_workers(cfg: ExtractConfig, device: torch.device) -> int:
+    """DataLoader processes for decoding: as configured, else none when the teacher computes on the CPU."""
+    if cfg.loader_workers is not None:
+        if cfg.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {cfg.loader_workers}")
+        return cfg.loader_workers
+    return 0 if device.type == "cpu" else 2
+
+
+def writer_thread(cfg: ExtractConfig, device: torch.device) -> bool:
+    return cfg.writer_thread if cfg.writer_thread is not None else device.type != "cpu"
+
+
 def _local_batches(
-    dataset: Dataset, pre: Preprocess, shards: Sequence[int], shard_size: int, flips: Sequence[bool], cfg: ExtractConfig
+    dataset: Dataset,
+    pre: Preprocess,
+    shards: Sequence[int],
+    shard_size: int,
+    flips: Sequence[bool],
+    cfg: ExtractConfig,
+    device: torch.device,
 ) -> Iterator:
     """Batches in (shard, flip, image) order from a DataLoader, so decoding overlaps the teacher's compute."""
     keys: list[tuple[int, bool]] = []
@@ -201,14 +227,34 @@ def _local_batches(
         block.append(key)
     if block:
         batches += [block[i : i + cfg.batch_size] for i in range(0, len(block), cfg.batch_size)]
+    workers = loader_workers(cfg, device)
     loader = torch.utils.data.DataLoader(
         _Guarded(DetectionImages(dataset, pre)),
         batch_sampler=batches,
         collate_fn=_collate_or_fail,
-        num_workers=cfg.loader_workers,
-        prefetch_factor=4 if cfg.loader_workers else None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
     )
-    yield from zip(batches, loader)
+    if workers:
+        yield from zip(batches, loader)
+        return
+    it = iter(loader)
+    for keys in batches:
+        # In line: torch's small elementwise passes (normalisation) on one thread. Split across the intra-op pool
+        # they stall whenever another process holds a core: 100 ms instead of 4 ms per image on a loaded machine.
+        with _torch_threads(1):
+            batch = next(it)
+        yield keys, batch
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _extract_local(
@@ -216,32 +262,45 @@ def _extract_local(
 ) -> None:
     device = next(teacher.parameters()).device
     flips = manifest.flips
-    # Writer thread: compression and writes of shard s overlap the teacher's compute on shard s+1.
+    # Writer thread (teacher off the CPU): compression and writes of shard s overlap the compute on shard s+1.
+    # On the CPU each finished shard is written in line, before the next batch is decoded.
     todo: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
 
+    def write_one(job) -> None:
+        shard, per_flip = job
+        try:
+            if not failure:
+                writer.write_shard(shard, per_flip[False], per_flip.get(True))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            failure.append(e)
+
     def write_loop() -> None:
         while (job := todo.get()) is not None:
-            shard, per_flip = job
-            try:
-                if not failure:
-                    writer.write_shard(shard, per_flip[False], per_flip.get(True))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                failure.append(e)
+            write_one(job)
 
-    thread = threading.Thread(target=write_loop, name="store-writer", daemon=True)
-    thread.start()
+    thread = None
+    if writer_thread(cfg, device):
+        thread = threading.Thread(target=write_loop, name="store-writer", daemon=True)
+        thread.start()
+
+    def put(job) -> None:
+        if thread is not None:
+            todo.put(job)
+        elif job is not None:
+            write_one(job)
+
     total = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in shards) * len(flips)
     bar = tqdm(total=total, desc="extract", unit="img", disable=not cfg.progress)
     current: int | None = None
     per_flip: dict[bool, list[ImageFeatures]] = {}
     try:
-        for keys, batch in _local_batches(dataset, pre, shards, manifest.shard_size, flips, cfg):
+        for keys, batch in _local_batches(dataset, pre, shards, manifest.shard_size, flips, cfg, device):
             if isinstance(batch, _Failed):
                 raise DataError(batch.message)
             shard, flip = keys[0][0] // manifest.shard_size, keys[0][1]
             if current is not None and shard != current:
-                todo.put((current, per_flip))
+                put((current, per_flip))
                 per_flip = {}
             current = shard
             outs = teacher_pass(teacher, batch.images, batch.image_sizes, top_k=manifest.num_proposals, device=device)
@@ -250,10 +309,11 @@ def _extract_local(
             if failure:
                 break
         if current is not None and not failure:
-            todo.put((current, per_flip))
+            put((current, per_flip))
     finally:
-        todo.put(None)
-        thread.join()
+        if thread is not None:
+            todo.put(None)
+            thread.join()
         bar.close()
     if failure:
         raise failure[0]

@@ -159,3 +159,29 @@ def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr
     _assert_same_store(tmp_path / "full", tmp_path / "killed")
     assert verify_store(tmp_path / "killed").ok
+
+
+def test_overlap_defaults_follow_the_device():
+    from pipeline.extract import loader_workers, writer_thread
+
+    cfg = ExtractConfig(teacher=Path("t.pt"), data=Path("d"), out="s")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loader_workers(cfg, cpu) == 0 and not writer_thread(cfg, cpu)  # the forward already uses every core
+    assert loader_workers(cfg, gpu) == 2 and writer_thread(cfg, gpu)
+    forced = ExtractConfig(teacher=Path("t.pt"), data=Path("d"), out="s", loader_workers=1, writer_thread=True)
+    assert loader_workers(forced, cpu) == 1 and writer_thread(forced, cpu)
+    with pytest.raises(ValueError, match="loader_workers must be >= 0, got -1"):
+        loader_workers(ExtractConfig(teacher=Path("t.pt"), data=Path("d"), out="s", loader_workers=-1), cpu)
+
+
+def test_in_line_and_overlapped_extraction_write_the_same_store(setup, tmp_path):
+    """Decoding and writing in line (the CPU default) or in worker processes and a writer thread: same bytes."""
+    torch.set_num_threads(2)  # the in-line path drops to one thread while decoding, and must restore it
+    try:
+        _extract(setup, tmp_path / "inline", flip=True, loader_workers=None, writer_thread=None, device="cpu")
+        assert torch.get_num_threads() == 2
+        _extract(setup, tmp_path / "overlapped", flip=True, loader_workers=2, writer_thread=True, device="cpu")
+    finally:
+        torch.set_num_threads(1)
+    _assert_same_store(tmp_path / "inline", tmp_path / "overlapped")
+    assert verify_store(tmp_path / "inline").ok
