@@ -111,9 +111,15 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Override the stage-1 budget (stage 2 gets half).")
 @click.option("--anchor-sizes", default=None, callback=_csv(int),
               help="Anchor sizes in input px (default 16,32,64,128; 32,64,128,256 with --data).")
+@click.option("--extras", is_flag=True, default=None,
+              help="Also train stage-1 RoI-mimic students from two teachers (w=1 and w=1/2) and from an int8 store "
+                   "(on by default in --study).")
+@click.option("--seeds", default=None, callback=_csv(int),
+              help="Student seeds, e.g. 0,1 (default: 0; the study: 0,1). Rerunning with more seeds reuses the rest.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
-def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, device, workers) -> None:
+def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, extras, seeds, device,
+         workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
@@ -128,7 +134,8 @@ def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, 
     from pipeline.demo import budget_for
 
     budget = budget_for(mode or "default", real_data=data is not None)
-    overrides = {"labelled": labelled, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes}
+    overrides = {"labelled": labelled, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes, "seeds": seeds,
+                 "extras": extras}
     if student_iters:
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})

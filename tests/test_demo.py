@@ -13,18 +13,24 @@ from cli import main
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0"])
+    r = CliRunner().invoke(main, ["demo", "--quick", "--extras", "--out", str(out), "--workers", "0"])
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     rows = {(row["strategy"], row["stage"]) for row in report["rows"]}
-    assert rows == {("teacher", 2), ("none", 1), ("scratch", 2), ("roi", 1), ("roi + two-stage", 2)}
+    assert rows == {("teacher", 2), ("none", 1), ("scratch", 2), ("roi", 1), ("roi + two-stage", 2),
+                    ("roi, 2 teachers", 1), ("roi, int8 store", 1)}
+    by_strategy = {row["strategy"]: row for row in report["rows"] if row["stage"] == 1}
+    # The storage ablation: the int8 store of the same teacher is smaller than the float16 one.
+    assert 0 < by_strategy["roi, int8 store"]["store_mb"] < by_strategy["roi"]["store_mb"]
+    assert by_strategy["roi, 2 teachers"]["store_mb"] > by_strategy["roi"]["store_mb"]
+    assert "vs_scratch" in by_strategy["roi, 2 teachers"] and "store MB" in r.output
     for row in report["rows"]:
         assert 0.0 <= row["recall@300_iou0.5"] <= 1.0 and row["params"] > 0 and row["ms_per_image"] > 0
     assert "| teacher |" in r.output and "McNemar" in r.output
     for plot in ("recall_iou.png", "recall_vs_iterations.png", "speed_accuracy.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     # Run again: every stage is found done, nothing is retrained.
-    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0"])
+    r = CliRunner().invoke(main, ["demo", "--quick", "--extras", "--out", str(out), "--workers", "0"])
     assert r.exit_code == 0, r.output
     demo_lines = [line for line in r.output.splitlines() if line.startswith("[demo]")]
     assert len(demo_lines) >= 10 and all("done earlier" in line for line in demo_lines), demo_lines
