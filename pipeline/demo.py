@@ -307,7 +307,7 @@ class Demo:
             s1 = self.student(tag, root=root, split=split, width=width, stage=1, mimic="roi", seed=seed,
                               labelled=labelled, unlabeled_split=parts["unlabelled"], **kw)
             ev = self.evaluate(tag, s1, root, detection=False)
-            used = kw["store"] if isinstance(kw["store"], tuple) else (kw["store"],)
+            used = [u for k in ("store", "unlabeled") if kw[k] for u in (kw[k] if isinstance(kw[k], tuple) else (kw[k],))]
             rows.append(_row(strategy, setting, seed, width, 1, ev, run=self.out / "students" / tag)
                         | {"model_path": str(s1), "input_scale": 1.0,
                            "store_mb": sum(_folder_bytes(Path(u)) for u in used) / 2**20})
