@@ -388,14 +388,16 @@ def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
     def loader_rate(workers: int) -> float:
         loader = make_mimic_loader(mimic, MixedSampler(len(dataset), 0, BATCH, unlabelled_fraction=0.0, seed=0),
                                    num_workers=workers)
+        return steady_rate(loader)
+
+    def steady_rate(loader) -> float:
+        """Images/s over ``sizes.read_batches`` batches after the first (worker start-up is not steady state)."""
         it = iter(loader)
-        next(it)  # worker start-up is not a steady-state cost
+        next(it)
         t = time.perf_counter()
         for _ in range(sizes.read_batches):
             next(it)
-        rate = sizes.read_batches * BATCH / (time.perf_counter() - t)
-        del it, loader
-        return rate
+        return sizes.read_batches * BATCH / (time.perf_counter() - t)
 
     class Features(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -410,14 +412,7 @@ def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
                                                  generator=torch.Generator().manual_seed(0))
         loader = torch.utils.data.DataLoader(Features(), batch_size=BATCH, sampler=sampler, num_workers=2,
                                              worker_init_fn=lambda _: torch.set_num_threads(1))
-        it = iter(loader)
-        next(it)  # worker start-up excluded
-        t = time.perf_counter()
-        for _ in range(sizes.read_batches):
-            next(it)
-        rate = sizes.read_batches * BATCH / (time.perf_counter() - t)
-        del it, loader
-        return rate
+        return steady_rate(loader)
 
     cfg = StudentConfig(store=str(store_url), data=data, out=Path("unused"), split=split, width=0.25, stage=1,
                         mimic="roi", batch_size=BATCH)

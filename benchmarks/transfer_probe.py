@@ -123,10 +123,10 @@ def main() -> None:
     t0 = time.perf_counter()
     teacher, meta = load_detector(args.teacher)
     test = load_dataset(args.data, "test", classes=meta["classes"])
-    student, _ = load_detector(args.student / "model.pt")
+    student, student_meta = load_detector(args.student / "model.pt")
     result = {
         "teacher": recall_report(teacher, meta, test),
-        "student": recall_report(student, _student_meta(args.student), test),
+        "student": recall_report(student, student_meta, test),
         "ceiling_frozen_teacher_features": ceiling(args.teacher, args.data, args.labelled_split, args.iters,
                                                    args.lr, args.batch_size, test),
         "probe_teacher_rpn_on_student_r_v": probe(args.teacher, args.student, test),
@@ -140,10 +140,6 @@ def main() -> None:
         v = result[k]
         print(f"{k:36s} R@0.5 {100 * v['recall@300_iou0.5']:5.1f}  R@0.7 {100 * v['recall@300_iou0.7']:5.1f}  "
               + "  ".join(f"{s}: {100 * x:.1f}" for s, x in v["recall@300_iou0.7_by_size"].items() if x is not None))
-
-
-def _student_meta(run: Path) -> dict:
-    return load_detector(run / "model.pt")[1]
 
 
 if __name__ == "__main__":
