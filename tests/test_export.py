@@ -32,7 +32,7 @@ from detection.export import (
 )
 from tests.pipeline_fixtures import CLASSES, make_tiny_teacher
 
-RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon"
+from tests.voc_fixtures import RACCOON
 SIZE = 128
 HEADS = ("fast-rcnn", "rfcn", "none")
 

@@ -23,7 +23,7 @@ from data.summary import describe_voc, SIZE_BUCKETS, draw_preview, format_summar
 from data.synthetic import CLASSES, JPEG_QUALITY, SPLITS, SyntheticConfig, ensure_dataset, load_sources, render_image
 from data.voc import read_voc
 
-RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon"
+from tests.voc_fixtures import RACCOON
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -16,7 +16,7 @@ from detection.detector import load_detector
 from detection.trainer import Hook, load_checkpoint
 from pipeline.teacher import TeacherConfig, train_teacher
 
-RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon"
+from tests.voc_fixtures import RACCOON
 
 # (width, height) of each image and its squares: (class, x1, y1, side) in 0-based pixels.
 TINY_IMAGES = {
@@ -180,7 +180,6 @@ def test_bad_options_give_one_line_errors(tiny_voc, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RACCOON.is_dir(), reason="shared raccoon dataset not present")
 def test_raccoon_real_jpegs_train_and_evaluate(tmp_path):
     run = tmp_path / "run"
     r = CliRunner().invoke(main, ["train-teacher", "--data", str(RACCOON), "--out", str(run), "--iters", "4",

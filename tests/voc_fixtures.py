@@ -4,10 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import numpy as np
 from PIL import Image
 
-RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon"
+
+
+def _find_raccoon() -> Path:
+    """The shared raccoon photos: $MIMICDET_RACCOON, else ../shared/data/raccoon beside the checkout, else
+    /work/shared/data/raccoon (a clone made elsewhere on the same machine). Tests that need it fail when it is
+    missing; they are never skipped."""
+    candidates = [Path(os.environ["MIMICDET_RACCOON"])] if os.environ.get("MIMICDET_RACCOON") else []
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon",
+                   Path("/work/shared/data/raccoon")]
+    return next((c for c in candidates if (c / "Annotations").is_dir()), candidates[0])
+
+
+RACCOON = _find_raccoon()
 
 
 def write_image(path: Path, width: int, height: int, *, mode: str = "RGB", seed: int = 0) -> Path:
