@@ -5,8 +5,10 @@ Losses (named, summed by the trainer with per-name weights):
   from labelled images only;
 - ``loss_mimic`` (weight λ1 = ``--mimic-weight``): eq. 5 of the paper over regions sampled from the teacher's
   stored proposals (``roi``), or whole-map L2 (``map``), on every image, labelled or not;
-- ``loss_logits`` (weight ``--logits-weight``, stage 2): L2 between the student head's class logits and box
-  deltas and the teacher's stored ones, on the same teacher proposals (two-stage mimic / logits-only baseline).
+- ``loss_logits`` (weight ``--logits-weight``, stage 2): L2 between the student head's class logits (each row
+  centred) and the teacher's stored ones on the same teacher proposals, plus L2 on the box deltas of the teacher's
+  class where the teacher calls a proposal foreground (two-stage mimic / logits-only baseline; see
+  :func:`student.mimic.logits_mimic_loss` for why not every output).
 
 Several teachers (``StudentConfig.store`` a sequence of stores over the same images, ``teacher_weights`` one per
 store): the student mimics every teacher's map through its own transform ``r_k`` (student channels -> teacher k's

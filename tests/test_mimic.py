@@ -278,17 +278,47 @@ def test_map_mimic_no_gradient_to_teacher() -> None:
     assert teacher.grad is None
 
 
-def test_logits_mimic_known_answer() -> None:
+def test_logits_mimic_plain_form_known_answer() -> None:
+    """center=False, foreground_threshold=None: plain L2 over every logit and every delta column."""
     student_logits = torch.zeros(2, 3, requires_grad=True)
     teacher_logits = torch.ones(2, 3, requires_grad=True)
-    assert logits_mimic_loss(student_logits, teacher_logits).item() == pytest.approx(0.5)
+    plain = dict(center=False, foreground_threshold=None)
+    assert logits_mimic_loss(student_logits, teacher_logits, **plain).item() == pytest.approx(0.5)
     loss = logits_mimic_loss(
-        student_logits, teacher_logits, torch.zeros(2, 12), torch.full((2, 12), 2.0).half(), delta_weight=0.5
+        student_logits, teacher_logits, torch.zeros(2, 12), torch.full((2, 12), 2.0).half(), delta_weight=0.5, **plain
     )
     assert loss.item() == pytest.approx(0.5 + 0.5 * (4 / 2))
     loss.backward()
     assert teacher_logits.grad is None
     torch.testing.assert_close(student_logits.grad, torch.full((2, 3), -1 / 6))  # d/ds of (s-t)²/(2·R·K)
+
+
+def test_logits_mimic_ignores_a_per_row_shift_of_the_logits() -> None:
+    teacher = torch.tensor([[4.0, -2.0, 1.0], [0.0, 3.0, -3.0]])
+    shifted = teacher + torch.tensor([[7.5], [-2.0]])  # same softmax
+    assert logits_mimic_loss(shifted, teacher).item() == pytest.approx(0.0, abs=1e-12)
+    # centred rows: s − s̄ = [0, 0, 0] against t − t̄ = [3, -3, 0] and [0, 3, -3] -> (9+9)·2 / (2·2·3) = 3
+    assert logits_mimic_loss(torch.zeros(2, 3), teacher).item() == pytest.approx(3.0)
+
+
+def test_logits_mimic_matches_deltas_on_teacher_foreground_rows_and_class_only() -> None:
+    """Row 0: teacher says class 2 (p > 0.5); row 1: background. Only row 0's class-2 columns are matched."""
+    teacher_logits = torch.tensor([[0.0, 0.0, 6.0], [6.0, 0.0, 0.0]])
+    teacher_deltas = torch.arange(24, dtype=torch.float32).view(2, 12)
+    student_deltas = torch.zeros(2, 12, requires_grad=True)
+    loss = logits_mimic_loss(teacher_logits.clone(), teacher_logits, student_deltas, teacher_deltas, delta_weight=2.0)
+    want = 2.0 * 0.5 * (teacher_deltas[0, 8:12] ** 2).mean()  # columns 8..11 are class 2's
+    assert loss.item() == pytest.approx(want.item())
+    loss.backward()
+    grad = student_deltas.grad
+    assert grad is not None and grad[1].abs().sum() == 0 and grad[0, :8].abs().sum() == 0
+    assert (grad[0, 8:12] < 0).all()
+    # No foreground row at all: the delta term is 0 but still part of the graph.
+    background = torch.tensor([[6.0, 0.0, 0.0]] * 2)
+    zero = logits_mimic_loss(background, background, student_deltas, teacher_deltas)
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match="4K"):
+        logits_mimic_loss(teacher_logits, teacher_logits, torch.zeros(2, 8), torch.zeros(2, 8))
 
 
 def test_logits_mimic_edge_cases() -> None:
