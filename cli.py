@@ -375,8 +375,11 @@ def train_teacher_command(data, split, out, width, head, iters, batch_size, lr, 
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--profile/--no-profile", default=True, show_default=True, help="Measure GFLOPs and ms/image.")
+@click.option("--score-thresh", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Detection score threshold [default: the checkpoint's, 0.05]. mAP ranks detections: 0.001 "
+                   "scores an under-confident classifier that 0.05 would cut off entirely.")
 def evaluate_command(model_path, data, split, metrics, out, plots, max_images, batch_size, workers, device,
-                     profile) -> None:
+                     profile, score_thresh) -> None:
     """Evaluate a checkpoint: proposal recall, VOC mAP, COCO AP, Caltech miss rate, parameters, GFLOPs, speed."""
     from pathlib import Path
 
@@ -386,7 +389,7 @@ def evaluate_command(model_path, data, split, metrics, out, plots, max_images, b
         config = EvalConfig(
             model=Path(model_path), data=Path(data), split=split, metrics=tuple(metrics.split(",")),
             out=Path(out) if out else None, plots=Path(plots) if plots else None, max_images=max_images,
-            device=device, batch_size=batch_size, workers=workers, profile=profile,
+            device=device, batch_size=batch_size, workers=workers, profile=profile, score_thresh=score_thresh,
         )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--metrics") from None

@@ -47,9 +47,14 @@ class EvalConfig:
     workers: int = 0
     profile: bool = True
     progress: bool | None = None  # None: progress bar only on a terminal
+    # Detection score threshold; None keeps the checkpoint's (0.05). mAP ranks detections, so a lower one (0.001)
+    # shows the ranking of an under-confident classifier that 0.05 would cut off entirely.
+    score_thresh: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
+        if self.score_thresh is not None and not 0.0 <= self.score_thresh < 1.0:
+            raise ValueError(f"score_thresh must be in [0, 1), got {self.score_thresh}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if self.batch_size < 1 or self.workers < 0:
@@ -334,6 +339,8 @@ def run_evaluate(config: EvalConfig) -> dict:
     from detection.detector import load_detector
 
     model, meta = load_detector(config.model)
+    if config.score_thresh is not None and model.head is not None:
+        model.head.score_thresh = float(config.score_thresh)  # torchvision RoIHeads reads it at postprocess
     classes = meta.get("classes")
     dataset = load_dataset(config.data, config.split, classes=classes)
     report = evaluate_model(
@@ -342,6 +349,8 @@ def run_evaluate(config: EvalConfig) -> dict:
         progress=config.progress, name=_model_name(Path(config.model)),
     )
     report["model"]["path"] = str(config.model)
+    if config.score_thresh is not None:
+        report["model"]["score_thresh"] = float(config.score_thresh)
     print(format_report(report))
     if config.out is not None:
         out = Path(config.out)

@@ -115,6 +115,22 @@ def test_train_teacher_then_evaluate(tiny_voc, tmp_path):
     assert sorted(p.name for p in plots.iterdir()) == ["mr_fppi.png", "pr_curves.png", "recall_iou.png"]
     assert (plots / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
 
+    # --score-thresh reaches the head: the untrained head's class scores sit near 1/3, so 0.999 keeps no detection.
+    strict_path = tmp_path / "strict.json"
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(run / "model.pt"), "--data", str(tiny_voc),
+                                  "--metrics", "voc", "--no-profile", "--score-thresh", "0.999",
+                                  "--out", str(strict_path), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    strict = json.loads(strict_path.read_text())
+    assert strict["model"]["score_thresh"] == 0.999 and strict["summary"]["mAP@0.5_area"] == 0.0
+    images = torch.rand(1, 3, 64, 64)
+    for thresh, has_detections in ((0.999, False), (0.0, True)):
+        model.head.score_thresh = thresh
+        assert (len(model.predict(images, [(64, 64)])[0]["boxes"]) > 0) is has_detections
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(run / "model.pt"), "--data", str(tiny_voc),
+                                  "--score-thresh", "1.5"])
+    assert r.exit_code == 2 and "--score-thresh" in r.output
+
 
 def test_rerun_resumes_changed_config_is_refused_overwrite_restarts(tiny_voc, tmp_path):
     run = tmp_path / "run"
