@@ -716,13 +716,12 @@ def test_cli_inspect_and_verify(tmp_path):
 
 
 def test_cli_verify_against_real_dataset(tmp_path):
-    data = pytest.importorskip("data")
-    if not hasattr(data, "load_dataset"):
-        pytest.skip("data.load_dataset not available")
     from cli import main
+    from data import load_dataset
+    from tests.voc_fixtures import RACCOON
 
-    root = REPO / ".." / "shared" / "data" / "raccoon"
-    dataset = data.load_dataset(root, "test")
+    root = RACCOON
+    dataset = load_dataset(root, "test")
     m = make_manifest(
         dataset_name=dataset.name,
         dataset_split=dataset.split,
