@@ -66,7 +66,7 @@ from data.transforms import Preprocess  # noqa: E402
 from detection.detector import DetectorConfig, build_detector, load_detector, save_detector  # noqa: E402
 from pipeline.extract import ExtractConfig, load_teacher, run_extract, teacher_pass  # noqa: E402
 
-RACCOON = REPO / ".." / "shared" / "data" / "raccoon"
+RACCOON = Path(os.environ.get("MIMICDET_RACCOON", REPO / ".." / "shared" / "data" / "raccoon"))
 RESULT = REPO / "benchmarks" / "results" / "extract.json"
 BATCH = 8
 SHARD = 32  # several shards per throughput run, so the writer overlaps the teacher

@@ -29,7 +29,7 @@ from data.featurestore import ImageFeatures, Manifest, create_store, inspect_sto
 from detection.backbone import InceptionBackbone  # noqa: E402
 
 IMAGES, SIDE, K, SHARD = 64, 256, 64, 32
-RACCOON = REPO / ".." / "shared" / "data" / "raccoon" / "JPEGImages"
+RACCOON = Path(os.environ.get("MIMICDET_RACCOON", REPO / ".." / "shared" / "data" / "raccoon")) / "JPEGImages"
 
 
 def teacher_like_features() -> np.ndarray:
