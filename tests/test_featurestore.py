@@ -720,8 +720,7 @@ def test_cli_verify_against_real_dataset(tmp_path):
     from data import load_dataset
     from tests.voc_fixtures import RACCOON
 
-    root = RACCOON
-    dataset = load_dataset(root, "test")
+    dataset = load_dataset(RACCOON, "test")
     m = make_manifest(
         dataset_name=dataset.name,
         dataset_split=dataset.split,
@@ -732,7 +731,7 @@ def test_cli_verify_against_real_dataset(tmp_path):
     )
     create_store(str(tmp_path / "s"), m).close()
     runner = CliRunner()
-    result = runner.invoke(main, ["verify-store", str(tmp_path / "s"), "--data", str(root), "--split", "test"])
+    result = runner.invoke(main, ["verify-store", str(tmp_path / "s"), "--data", str(RACCOON), "--split", "test"])
     assert result.exit_code == 1 and "shard 0: incomplete" in result.output and "digest" not in result.output
-    result = runner.invoke(main, ["verify-store", str(tmp_path / "s"), "--data", str(root), "--split", "train"])
+    result = runner.invoke(main, ["verify-store", str(tmp_path / "s"), "--data", str(RACCOON), "--split", "train"])
     assert result.exit_code == 1 and "store dataset.digest" in result.output

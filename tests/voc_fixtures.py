@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 
 
 def _find_raccoon() -> Path:
