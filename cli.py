@@ -59,6 +59,31 @@ def _fraction(ctx, param, value):
     return v
 
 
+def _widths(ctx, param, value):
+    """'1/2,1/4' -> (0.5, 0.25)."""
+    if value is None:
+        return None
+    from student.family import parse_widths
+
+    try:
+        return parse_widths(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("--widths: ")) from None
+
+
+def _subset_of(allowed: tuple[str, ...]):
+    """Comma-separated names, each one of ``allowed``; order kept (it is the run order)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        names = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise click.BadParameter(f"expected comma-separated names from {', '.join(allowed)}, got {value!r}")
+        return names
+    return parse
+
+
 def _storage_options():
     import os
 
@@ -111,15 +136,21 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Override the stage-1 budget (stage 2 gets half).")
 @click.option("--anchor-sizes", default=None, callback=_csv(int),
               help="Anchor sizes in input px (default 16,32,64,128; 32,64,128,256 with --data).")
-@click.option("--extras", is_flag=True, default=None,
+@click.option("--extras/--no-extras", default=None,
               help="Also train stage-1 RoI-mimic students from two teachers (w=1 and w=1/2) and from an int8 store "
                    "(on by default in --study).")
 @click.option("--seeds", default=None, callback=_csv(int),
               help="Student seeds, e.g. 0,1 (default: 0; the study: 0,1). Rerunning with more seeds reuses the rest.")
+@click.option("--widths", default=None, callback=_widths,
+              help="Student widths, e.g. 1/4,1/2 (default: 1/4; the study: 1/4,1/2).")
+@click.option("--settings", default=None, callback=_subset_of(("same-data", "limited", "limited+pool")),
+              help="Settings to run, in this order (default: limited+pool; the study: same-data,limited,limited+pool).")
+@click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale")),
+              help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
-def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, extras, seeds, device,
-         workers) -> None:
+def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, extras, seeds, widths, settings,
+         strategies, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
@@ -135,7 +166,7 @@ def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, 
 
     budget = budget_for(mode or "default", real_data=data is not None)
     overrides = {"labelled": labelled, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes, "seeds": seeds,
-                 "extras": extras}
+                 "extras": extras, "widths": widths, "settings": settings, "strategies": strategies}
     if student_iters:
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
@@ -432,15 +463,6 @@ def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite
 # --- end export ---
 
 # --- train-family (a width family from one store) ---
-def _widths(ctx, param, value):
-    from student.family import parse_widths
-
-    try:
-        return parse_widths(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e).removeprefix("--widths: ")) from None
-
-
 @main.command("train-family")
 @click.option("--store", required=True, help="Feature store (path or s3:// URL) every width mimics.")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root the store was extracted from.")

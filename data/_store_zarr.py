@@ -21,6 +21,13 @@ each chunk with one ``pread``, checks its crc32c and decompresses it: about 1 ms
 sharding codec spec (index of ``(offset, nbytes)`` little-endian uint64 pairs at the end of the object, crc32c
 appended to the index and to every chunk) and is used only when an array's codecs are exactly those this
 module writes; anything else, remote stores, and ``verify_store`` go through zarr itself.
+
+Writes take the mirror path (``_encode_shard``): the same per-chunk cost made zarr's ``setitem`` spend about
+6 ms of CPU per image on a shard of 32 (224 chunks through the asynchronous codec pipeline) against 1.6 ms for
+the codecs themselves, and on a CPU-bound extraction that time comes straight off the teacher's. Each chunk is
+encoded with the array's own codecs (numcodecs zstd or blosc, then crc32c), the index appended, and the object
+handed to the store in one ``set``; the bytes equal zarr's (a test compares them), so zarr, ``verify_store``
+and any other zarr v3 reader read these shards as their own.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from collections import OrderedDict
 from typing import Any
 
 import crc32c
+import numcodecs
 import numcodecs.blosc
 import numcodecs.zstd
 import numpy as np
@@ -39,7 +47,7 @@ import zarr
 import zarr.api.asynchronous as zasync
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-from zarr.core.buffer import Buffer
+from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
@@ -96,6 +104,7 @@ class ZarrBackend:
         self._store: _RecordingStore | None = None
         self._arrays: dict[str, Any] = {}  # name -> zarr AsyncArray
         self._direct: _DirectReader | None | bool = None  # None: not decided yet; False: not possible
+        self._encoders: dict[str, _ChunkCodec] | None | bool = None  # likewise, for writes
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -121,6 +130,7 @@ class ZarrBackend:
             self._store = _RecordingStore(inner)
             self._arrays = {}
             self._direct = None
+            self._encoders = None
             self._pid = os.getpid()
         return self._store
 
@@ -163,11 +173,13 @@ class ZarrBackend:
                 config=_ARRAY_CONFIG,
             )
         self._arrays = {}
+        self._encoders = None
 
     def close(self) -> None:
         self._arrays = {}
         self._store = None
         self._direct = None
+        self._encoders = None
 
     def _direct_reader(self) -> _DirectReader | None:
         if not self.direct_reads or self.writable:
@@ -192,11 +204,23 @@ class ZarrBackend:
         store = self._open_store()
         amap = self._array_map()
         keys = self.shard_keys(shard)
+        if self._encoders is None:
+            self._encoders = chunk_codecs(self.manifest, amap) or False
+        encoders = self._encoders
+
+        objects: dict[str, bytes] = {}
+        if encoders:  # the objects encoded here, in this thread (module docstring)
+            objects = {f"{name}/{encoders[name].key(shard)}": _encode_shard(encoders[name], data, self.manifest.shard_size)
+                       for name, data in arrays.items()}
 
         async def write() -> None:
             # Drop what an earlier, interrupted run left, so zarr does not merge into a stale shard object.
             await asyncio.gather(*(store.delete(k) for k in keys))
-            await asyncio.gather(*(amap[name].setitem(slice(start, stop), data) for name, data in arrays.items()))
+            if objects:
+                proto = default_buffer_prototype().buffer
+                await asyncio.gather(*(store.set(k, proto.from_bytes(b)) for k, b in objects.items()))
+            else:
+                await asyncio.gather(*(amap[name].setitem(slice(start, stop), data) for name, data in arrays.items()))
 
         sync(write())
         written = store.pop_written(keys)
@@ -240,10 +264,21 @@ INDEX_CACHE_SHARDS = 4096  # (array, shard) indexes kept per reader: 16 bytes pe
 
 
 class _ChunkCodec:
-    """How one array's chunks are encoded: bytes (little endian) -> zstd or blosc -> crc32c."""
+    """How one array's chunks are encoded: bytes (little endian) -> zstd or blosc -> crc32c.
+    ``encoder``: the numcodecs codec configured as zarr's (level, shuffle, typesize), for writes."""
 
-    def __init__(self, name: str, key: Any, shape: tuple[int, ...], dtype: np.dtype, compressor: str) -> None:
+    def __init__(
+        self, name: str, key: Any, shape: tuple[int, ...], dtype: np.dtype, compressor: str, encoder: Any = None
+    ) -> None:
         self.name, self.key, self.shape, self.dtype, self.compressor = name, key, shape, dtype, compressor
+        self.encoder = encoder
+
+    def encode(self, value: np.ndarray) -> bytes:
+        raw = np.asarray(value, dtype=self.dtype)
+        if raw.shape != self.shape:
+            raise ValueError(f"chunk of {self.name} has shape {list(raw.shape)}, expected {list(self.shape)}")
+        payload = self.encoder.encode(raw.tobytes())
+        return bytes(payload) + _crc_bytes(payload)
 
     def decode(self, data: bytes | memoryview) -> np.ndarray:
         payload = _check_crc(data)
@@ -258,6 +293,27 @@ class _ChunkCodec:
         return np.frombuffer(bytearray(raw), dtype=self.dtype).reshape(self.shape)
 
 
+def _crc_bytes(data: bytes | memoryview) -> bytes:
+    return np.uint32(crc32c.crc32c(data)).astype("<u4").tobytes()
+
+
+def _encode_shard(codec: _ChunkCodec, rows: np.ndarray, shard_size: int) -> bytes:
+    """One shard object as zarr's sharding codec lays it out: the chunks of ``rows`` (images 0..len-1 of the
+    shard; a short last shard leaves the rest absent) back to back, then the ``(offset, nbytes)`` index and its
+    crc32c."""
+    index = np.full((shard_size, 2), _EMPTY, dtype="<u8")
+    parts: list[bytes] = []
+    offset = 0
+    for j in range(len(rows)):
+        chunk = codec.encode(rows[j])
+        index[j] = (offset, len(chunk))
+        offset += len(chunk)
+        parts.append(chunk)
+    tail = index.tobytes()
+    parts += [tail, _crc_bytes(tail)]
+    return b"".join(parts)
+
+
 def _check_crc(data: bytes | memoryview) -> memoryview:
     view = memoryview(data)
     if len(view) < 4:
@@ -267,6 +323,43 @@ def _check_crc(data: bytes | memoryview) -> memoryview:
     if computed != stored:
         raise ValueError(f"Stored and computed checksum do not match. Stored: {stored!r}. Computed: {computed!r}.")
     return inner
+
+
+def chunk_codecs(manifest: Manifest, arrays: dict[str, Any]) -> dict[str, _ChunkCodec] | None:
+    """Each array's chunk codec if every array is laid out as this module writes it (one chunk per image,
+    shards of ``shard_size`` images, index at the end; bytes -> zstd or blosc -> crc32c), else None."""
+    codecs: dict[str, _ChunkCodec] = {}
+    for name, array in arrays.items():
+        meta = array.metadata
+        per_image = tuple(manifest.arrays()[name][0])
+        if len(meta.codecs) != 1 or not isinstance(meta.codecs[0], ShardingCodec):
+            return None
+        sharding = meta.codecs[0]
+        inner, index = tuple(sharding.codecs), tuple(sharding.index_codecs)
+        if tuple(sharding.chunk_shape) != (1, *per_image) or sharding.index_location.value != "end":
+            return None
+        if tuple(meta.chunk_grid.chunk_shape) != (manifest.shard_size, *per_image):
+            return None
+        ok_bytes = lambda c: isinstance(c, BytesCodec) and (c.endian is None or c.endian.value == "little")  # noqa: E731
+        if len(index) != 2 or not ok_bytes(index[0]) or not isinstance(index[1], Crc32cCodec):
+            return None
+        if len(inner) != 3 or not ok_bytes(inner[0]) or not isinstance(inner[2], Crc32cCodec):
+            return None
+        dtype = np.dtype(meta.data_type.to_native_dtype()).newbyteorder("<")
+        compressor, c = None, inner[1]
+        if isinstance(c, ZstdCodec):
+            compressor, encoder = "zstd", numcodecs.Zstd(level=c.level, checksum=c.checksum)
+        elif isinstance(c, BloscCodec):
+            shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                       "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[c.shuffle.value]
+            compressor = "blosc"
+            encoder = numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=shuffle, blocksize=c.blocksize,
+                                      typesize=c.typesize)  # as zarr configures it (numcodecs >= 0.16)
+        if compressor is None:
+            return None
+        key = lambda shard, _m=meta, _n=len(per_image): _m.encode_chunk_key((shard, *([0] * _n)))  # noqa: E731
+        codecs[name] = _ChunkCodec(name, key, per_image, dtype, compressor, encoder)
+    return codecs
 
 
 class _DirectReader:
@@ -286,33 +379,8 @@ class _DirectReader:
         """A reader if every array is laid out as this module writes it and the store is local, else None."""
         if not location.is_local:
             return None
-        codecs: dict[str, _ChunkCodec] = {}
-        for name, array in arrays.items():
-            meta = array.metadata
-            per_image = tuple(manifest.arrays()[name][0])
-            if len(meta.codecs) != 1 or not isinstance(meta.codecs[0], ShardingCodec):
-                return None
-            sharding = meta.codecs[0]
-            inner, index = tuple(sharding.codecs), tuple(sharding.index_codecs)
-            if tuple(sharding.chunk_shape) != (1, *per_image) or sharding.index_location.value != "end":
-                return None
-            if tuple(meta.chunk_grid.chunk_shape) != (manifest.shard_size, *per_image):
-                return None
-            ok_bytes = lambda c: isinstance(c, BytesCodec) and (c.endian is None or c.endian.value == "little")  # noqa: E731
-            if len(index) != 2 or not ok_bytes(index[0]) or not isinstance(index[1], Crc32cCodec):
-                return None
-            if len(inner) != 3 or not ok_bytes(inner[0]) or not isinstance(inner[2], Crc32cCodec):
-                return None
-            if isinstance(inner[1], ZstdCodec):
-                compressor = "zstd"
-            elif isinstance(inner[1], BloscCodec):
-                compressor = "blosc"
-            else:
-                return None
-            dtype = np.dtype(meta.data_type.to_native_dtype()).newbyteorder("<")
-            key = lambda shard, _m=meta, _n=len(per_image): _m.encode_chunk_key((shard, *([0] * _n)))  # noqa: E731
-            codecs[name] = _ChunkCodec(name, key, per_image, dtype, compressor)
-        return cls(location, manifest, codecs)
+        codecs = chunk_codecs(manifest, arrays)
+        return cls(location, manifest, codecs) if codecs is not None else None
 
     def _path(self, name: str, shard: int) -> str:
         return self.location.path(f"{name}/{self.codecs[name].key(shard)}")

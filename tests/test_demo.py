@@ -13,12 +13,17 @@ from cli import main
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(main, ["demo", "--quick", "--extras", "--out", str(out), "--workers", "0"])
+    args = ["demo", "--quick", "--extras", "--strategies", "none,roi,map,scale", "--out", str(out), "--workers", "0"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     rows = {(row["strategy"], row["stage"]) for row in report["rows"]}
     assert rows == {("teacher", 2), ("none", 1), ("scratch", 2), ("roi", 1), ("roi + two-stage", 2),
+                    ("map", 1), ("map + two-stage", 2), ("scale", 1), ("scale + two-stage", 2),
                     ("roi, 2 teachers", 1), ("roi, int8 store", 1)}
+    # Scale mimic: the student sees the half-size image; every mimic row is paired with scratch (McNemar).
+    assert all(row["input_scale"] == 0.5 for row in report["rows"] if row["strategy"].startswith("scale"))
+    assert all("vs_scratch" in row for row in report["rows"] if row["strategy"] in ("roi", "map", "scale"))
     by_strategy = {row["strategy"]: row for row in report["rows"] if row["stage"] == 1}
     # The storage ablation: the int8 store of the same teacher is smaller than the float16 one.
     assert 0 < by_strategy["roi, int8 store"]["store_mb"] < by_strategy["roi"]["store_mb"]
@@ -30,7 +35,15 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     for plot in ("recall_iou.png", "recall_vs_iterations.png", "speed_accuracy.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     # Run again: every stage is found done, nothing is retrained.
-    r = CliRunner().invoke(main, ["demo", "--quick", "--extras", "--out", str(out), "--workers", "0"])
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     demo_lines = [line for line in r.output.splitlines() if line.startswith("[demo]")]
     assert len(demo_lines) >= 10 and all("done earlier" in line for line in demo_lines), demo_lines
+
+
+@pytest.mark.parametrize("option, value", [("--settings", "limited,everything"), ("--strategies", "roi,fancy"),
+                                           ("--widths", "1/4,2")])
+def test_demo_rejects_unknown_plan_names(tmp_path, option, value):
+    r = CliRunner().invoke(main, ["demo", "--quick", option, value, "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 2 and option in r.output, r.output
+    assert not (tmp_path / "demo").exists()

@@ -571,6 +571,37 @@ class TestZarrStore(StoreTests):
                 for name in want:
                     np.testing.assert_array_equal(got[name], want[name], err_msg=f"{prefix}{name} shard {shard}")
 
+    @pytest.mark.parametrize("dtype", ["float16", "int8"])
+    def test_shard_objects_equal_zarrs_own_encoding(self, tmp_path, dtype):
+        """Shards are encoded by the backend, not by zarr's setitem: every object must be byte for byte what
+        zarr writes for the same arrays, full and short shards, flipped arrays included."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        from data._store_zarr import chunk_codecs
+        from data.featurestore import _pack
+
+        store = self.filled(tmp_path / "s", dtype=dtype, flips=(False, True))  # last shard holds 2 of 4 images
+        writer = open_writer(str(store))
+        backend, m = writer._backend, writer.manifest
+        assert chunk_codecs(m, backend._array_map()) is not None  # the layout takes the backend's encoder
+        for shard in range(m.num_shards):
+            ours = {k: (store / k).read_bytes() for k in backend.shard_keys(shard)}
+            a, b = m.shard_range(shard)
+            arrays = _pack(m, [make_item(m, i) for i in range(a, b)], "test")
+            arrays |= {"flip/" + k: v for k, v in _pack(m, [make_item(m, i, flip=True) for i in range(a, b)], "test").items()}
+            amap, zstore = backend._array_map(), backend._open_store()
+
+            async def zarr_writes() -> None:
+                await asyncio.gather(*(zstore.delete(k) for k in ours))
+                await asyncio.gather(*(amap[n].setitem(slice(a, b), v) for n, v in arrays.items()))
+
+            sync(zarr_writes())
+            assert len(ours) == len(arrays) == len(m.arrays())
+            for key, data in ours.items():
+                assert (store / key).read_bytes() == data, f"{key} (shard {shard}) differs from zarr's encoding"
+
     def test_direct_reads_see_a_rewritten_shard(self, tmp_path):
         store = self.filled(tmp_path / "s")
         reader = open_store(str(store))
@@ -661,6 +692,27 @@ def test_manifest_diff_names_fields():
         "preprocess.min_size: 256 != 320",
         "features.stride: 16 != 8",
     ]
+
+
+def test_float16_packing_matches_numpys_rounding():
+    """Maps are cast through torch (fast); the stored bits must be numpy's: round to nearest even, subnormals,
+    Inf past 65504 (and the warning that goes with it), NaN kept."""
+    from data.featurestore import _float32_to_float16, _has_inf16
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(40000).astype(np.float32) * s for s in (1e-7, 1e-3, 1, 1e3, 7e4)]
+                       + [np.array([np.nan, np.inf, -np.inf, 65504, 65519.99, 65520, -65520, 6e-8, 3e-8, 0.0, -0.0],
+                                   np.float32)])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    got = np.empty_like(want)
+    _float32_to_float16(x, out=got)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    crop = np.zeros((3, 4, 5), np.float16)  # a smaller map written into the padded slot, as _pack does
+    _float32_to_float16(x[:24].reshape(3, 2, 4), out=crop[:, :2, :4])
+    np.testing.assert_array_equal(crop[:, :2, :4].view(np.uint16), want[:24].reshape(3, 2, 4).view(np.uint16))
+    assert not crop[:, 2:].any() and not crop[:, :, 4:].any()
+    assert _has_inf16(want) and not _has_inf16(want[:40000]) and _has_inf16(np.array([np.nan], np.float16))
 
 
 def test_quantise_int8_known_answer():
