@@ -431,7 +431,7 @@ def _pct(v) -> str:
 
 
 def format_table(report: dict) -> str:
-    head = ("model", "setting", "w", "stage", "R@0.5", "R@0.7", "mAP@0.5", "COCO AP", "params", "GFLOPs", "ms/img",
+    head = ("model", "setting", "seed", "w", "stage", "R@0.5", "R@0.7", "mAP@0.5", "COCO AP", "params", "GFLOPs", "ms/img",
             "speed-up", "vs scratch (R@0.7, McNemar p)")
     with_store = any(r.get("store_mb") for r in report["rows"])
     if with_store:
@@ -441,7 +441,7 @@ def format_table(report: dict) -> str:
         vs = r.get("vs_scratch")
         vs_s = f"b={vs['b']} c={vs['c']} p={vs['p_value']:.2g}" if vs else "-"
         lines.append("| " + " | ".join([
-            r["strategy"] if r["strategy"] != "none" else "scratch", str(r["setting"]), _w(r["width"]),
+            r["strategy"] if r["strategy"] != "none" else "scratch", str(r["setting"]), str(r["seed"]), _w(r["width"]),
             str(r["stage"]), _pct(r["recall@300_iou0.5"]), _pct(r["recall@300_iou0.7"]),
             _pct(r["mAP"]) if r["stage"] == 2 else "-", _pct(r["coco_AP"]) if r["stage"] == 2 else "-",
             f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
