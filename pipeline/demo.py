@@ -337,6 +337,7 @@ class Demo:
             "budget": asdict(self.b),
             "rows": [{k: v for k, v in r.items() if k not in ("hits", "curve", "run")} for r in rows],
             "timings_s": self.timings,
+            "environment": _environment(),
         }
         _write_json(self.out / "report.json", report)
         self.plots(rows)
@@ -450,6 +451,20 @@ def format_table(report: dict) -> str:
             f"{r['speedup']:.1f}x" if r.get("speedup") else "-", vs_s]
             + ([f"{r['store_mb']:.1f}" if r.get("store_mb") else "-"] if with_store else [])) + " |")
     return "\n".join(lines)
+
+
+def _environment() -> dict[str, str]:
+    """Versions that change the generated data or the numbers (image resampling, kernels), for report.json."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for name in ("torch", "torchvision", "numpy", "pillow", "scikit-image", "mlxtend", "zarr", "numcodecs"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -17,6 +17,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
+    assert report["environment"]["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
     rows = {(row["strategy"], row["stage"]) for row in report["rows"]}
     assert rows == {("teacher", 2), ("none", 1), ("scratch", 2), ("roi", 1), ("roi + two-stage", 2),
                     ("map", 1), ("map + two-stage", 2), ("scale", 1), ("scale + two-stage", 2),
