@@ -24,6 +24,17 @@ def _new_axes(size: tuple[float, float] = (6.0, 4.5)):
     return fig, fig.add_subplot()
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+_LEGEND_INSIDE = 8  # more entries than this go beside the axes, where they cannot hide the curves
+
+
+def _legend(ax, entries: int) -> None:
+    if entries > _LEGEND_INSIDE:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    else:
+        ax.legend(loc="best", fontsize=8)
+
+
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -61,7 +72,8 @@ def plot_lines(
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         if x.shape != y.shape:
             raise ValueError(f"plot_lines: series {label!r} has x of shape {x.shape} but y of shape {y.shape}")
-        ax.plot(x, y, label=label, marker="o" if markers else None, markersize=3)
+        style = _LINESTYLES[(len(ax.lines) // 10) % len(_LINESTYLES)]  # colours repeat every 10 lines
+        ax.plot(x, y, label=label, marker="o" if markers else None, markersize=3, linestyle=style)
     if logx:
         ax.set_xscale("log", nonpositive="clip")
     if logy:
@@ -75,7 +87,7 @@ def plot_lines(
     if title:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    _legend(ax, len(series))
     return _save(fig, path)
 
 
