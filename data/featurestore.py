@@ -199,10 +199,14 @@ def _float16_to_float32(f: np.ndarray) -> np.ndarray:
     import torch  # the student's side always has it; imported here so the store's tools do not pay for it
 
     src = torch.from_numpy(np.ascontiguousarray(f)).reshape(-1)
-    out = torch.empty(src.numel(), dtype=torch.float32)
+    return _copy_in_slices(torch.empty(src.numel(), dtype=torch.float32), src).numpy().reshape(f.shape)
+
+
+def _copy_in_slices(dst, src):
+    """``dst.copy_(src)`` for flat tensors, in slices each run on the calling thread (see above)."""
     for i in range(0, src.numel(), _CONVERT_SLICE):
-        out[i : i + _CONVERT_SLICE].copy_(src[i : i + _CONVERT_SLICE])
-    return out.numpy().reshape(f.shape)
+        dst[i : i + _CONVERT_SLICE].copy_(src[i : i + _CONVERT_SLICE])
+    return dst
 
 
 _CONVERT_SLICE = 16384  # < at::internal::GRAIN_SIZE (32768): each copy runs on the calling thread
@@ -213,18 +217,11 @@ def _float32_to_float16(f: np.ndarray, *, out: np.ndarray) -> None:
     cast took 0.8-1.2 ms per 832x16x16 map, most of what packing a shard cost; torch's takes 0.03 ms."""
     import torch
 
-    src = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
+    src = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)).reshape(-1)
     if out.flags.c_contiguous:
-        dst = torch.from_numpy(out)
-        flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
-        for i in range(0, flat_src.numel(), _CONVERT_SLICE):
-            flat_dst[i : i + _CONVERT_SLICE].copy_(flat_src[i : i + _CONVERT_SLICE])
+        _copy_in_slices(torch.from_numpy(out).reshape(-1), src)
     else:  # a crop of a larger map: convert, then numpy's strided copy (float16 to float16, no conversion)
-        half = torch.empty(src.numel(), dtype=torch.float16)
-        flat_src = src.reshape(-1)
-        for i in range(0, flat_src.numel(), _CONVERT_SLICE):
-            half[i : i + _CONVERT_SLICE].copy_(flat_src[i : i + _CONVERT_SLICE])
-        out[...] = half.numpy().reshape(f.shape)
+        out[...] = _copy_in_slices(torch.empty(src.numel(), dtype=torch.float16), src).numpy().reshape(f.shape)
 
 
 def _has_inf16(a: np.ndarray) -> bool:
