@@ -131,6 +131,9 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Run folder; every stage resumes from what is already there.")
 @click.option("--labelled", type=click.IntRange(min=1), default=None,
               help="Labelled images the students get (default: the mode's budget, 150; 40 with --data).")
+@click.option("--pool", type=click.IntRange(min=1), default=None,
+              help="Built-in dataset only: images in the teacher's pool, which are also the students' unlabelled "
+                   "images (default 1000).")
 @click.option("--teacher-iters", type=click.IntRange(min=1), default=None, help="Override the teacher budget.")
 @click.option("--student-iters", type=click.IntRange(min=1), default=None,
               help="Override the stage-1 budget (stage 2 gets half).")
@@ -149,7 +152,7 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
-def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, extras, seeds, widths, settings,
+def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, seeds, widths, settings,
          strategies, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
@@ -164,8 +167,11 @@ def demo(data, mode, out, labelled, teacher_iters, student_iters, anchor_sizes, 
 
     from pipeline.demo import budget_for
 
+    if pool is not None and data is not None:
+        raise click.BadParameter("--pool sizes the built-in dataset; a --data folder brings its own splits",
+                                 param_hint="--pool")
     budget = budget_for(mode or "default", real_data=data is not None)
-    overrides = {"labelled": labelled, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes, "seeds": seeds,
+    overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes, "seeds": seeds,
                  "extras": extras, "widths": widths, "settings": settings, "strategies": strategies}
     if student_iters:
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}

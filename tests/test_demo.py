@@ -48,3 +48,11 @@ def test_demo_rejects_unknown_plan_names(tmp_path, option, value):
     r = CliRunner().invoke(main, ["demo", "--quick", option, value, "--out", str(tmp_path / "demo")])
     assert r.exit_code == 2 and option in r.output, r.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_pool_is_refused_with_a_user_dataset(tmp_path):
+    data = tmp_path / "voc"
+    data.mkdir()
+    r = CliRunner().invoke(main, ["demo", "--data", str(data), "--pool", "500", "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 2 and "--pool" in r.output, r.output
+    assert not (tmp_path / "demo").exists()
