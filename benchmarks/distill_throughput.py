@@ -66,11 +66,11 @@ from data.loader import DetectionImages, IterationSampler, collate, make_loader 
 from data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
 from detection.detector import Detector, DetectorConfig, build_detector, save_detector  # noqa: E402
-from detection.trainer import OptimConfig, TrainConfig, Trainer  # noqa: E402
+from detection.trainer import Trainer  # noqa: E402
 from pipeline.extract import ExtractConfig, load_teacher, run_extract  # noqa: E402
 from student.mimic import MimicTransform, roi_mimic_loss  # noqa: E402
 from student.stream import MimicBatch, MimicImages, MixedSampler, make_mimic_loader, open_source  # noqa: E402
-from student.train import StudentConfig, StudentModel, build_student, run_train_student  # noqa: E402
+from student.train import StudentConfig, StudentModel, build_student, run_train_student, train_config  # noqa: E402
 
 SIZE, BATCH, WIDTH, ROIS, PROPOSALS = 256, 8, 0.25, 64, 300
 TARGETS = {"speedup_min": 5.0, "data_fraction_max": 0.05, "mimic_fraction_max": 0.30}
@@ -102,22 +102,6 @@ def make_teacher(path: Path, data: Path, *, seed: int = 0, calib_batches: int = 
     model.eval()
     save_detector(path, model, {"role": "teacher", "classes": list(dataset.classes), "preprocess": pre.to_dict()})
     return path
-
-
-def train_config(cfg: StudentConfig) -> TrainConfig:
-    """The TrainConfig ``run_train_student`` builds from a StudentConfig (same optimiser and schedule)."""
-    return TrainConfig(
-        iters=cfg.iters,
-        optim=OptimConfig(
-            lr=cfg.lr, warmup_iters=min(cfg.warmup_iters, max(1, cfg.iters // 5)), schedule=cfg.schedule,
-            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        ),
-        batch_size=cfg.batch_size,
-        checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
 
 
 def student_trainer(cfg: StudentConfig, classes: tuple[str, ...], channels: int, stride: int, out: Path) -> Trainer:

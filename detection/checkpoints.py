@@ -6,6 +6,7 @@ wrong advice for a file that may carry code; the error raised here names the fil
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +30,9 @@ def load_weights_only(path: str | Path, *, what: str = "checkpoint", hint: str =
                 f" ({blocked[0]})" if blocked else ""
             )
         raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {reason})" + (f"; {hint}" if hint else "")) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes: how stores, exports and family reports name the checkpoint they came from."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -34,7 +34,6 @@ ties in any order).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 from torch.onnx.symbolic_helper import parse_args
 
 from data.errors import DataError
+from detection.checkpoints import file_sha256
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -347,13 +347,6 @@ def default_input_size(meta: dict[str, Any]) -> tuple[int, int]:
     return side, side
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any], height: int, width: int) -> dict[str, Any]:
     from detection.evaluate import _preprocess_and_scale
@@ -365,7 +358,7 @@ def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any], height: 
         "file": cfg.out.name,
         "opset": cfg.opset if cfg.format == "onnx" else None,
         "checkpoint": str(cfg.checkpoint),
-        "checkpoint_sha256": _sha256(cfg.checkpoint),
+        "checkpoint_sha256": file_sha256(cfg.checkpoint),
         "classes": list(meta.get("classes", [])),
         "preprocess": pre.to_dict(),
         "input_scale": scale,

@@ -21,7 +21,6 @@ completed none removes the store it created, so the location is left as it was.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ from data.featurestore import ImageFeatures, Manifest, create_store, open_writer
 from data.loader import DetectionImages, collate
 from data.records import Dataset, ImageRecord
 from data.transforms import Preprocess, resize_params
+from detection.checkpoints import file_sha256
 from detection.detector import Detector, load_detector
 from detection.device import select_device as resolve_device
 
@@ -64,13 +64,6 @@ class ExtractConfig:
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def teacher_preprocess(meta: dict, source: Path) -> Preprocess:

@@ -18,7 +18,6 @@ the widest student without one). Times in milliseconds per image; accuracies as 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -194,19 +193,13 @@ def train_members(cfg: FamilyConfig, echo: Callable[[str], None] = print) -> dic
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _accuracy(model, meta: dict, dataset, model_path: Path, cache: Path, cfg: FamilyConfig, name: str) -> dict:
     """``evaluate_model``'s summary (no profile), reused while the model file and the data are unchanged."""
+    from detection.checkpoints import file_sha256
     from detection.evaluate import evaluate_model
 
-    key = {"model_sha256": _file_sha256(model_path), "dataset_digest": dataset.digest(),
+    key = {"model_sha256": file_sha256(model_path), "dataset_digest": dataset.digest(),
            "split": cfg.eval_split, "max_images": cfg.eval_max_images, "metrics": list(EVAL_METRICS)}
     if cache.exists():
         saved = json.loads(cache.read_text())
@@ -278,6 +271,7 @@ def pick_within_budget(rows: list[dict], budget_ms: float, metric: str) -> dict:
 def evaluate_family(cfg: FamilyConfig, members: dict[float, dict], echo: Callable[[str], None] = print) -> dict:
     """Scores every member (and the teacher) on ``cfg.eval_split``; returns the family report (not yet written)."""
     from data import load_dataset
+    from detection.checkpoints import file_sha256
     from detection.detector import load_detector
 
     models: dict[str, tuple[Any, dict]] = {}
@@ -293,7 +287,7 @@ def evaluate_family(cfg: FamilyConfig, members: dict[float, dict], echo: Callabl
     data = _eval_subset(dataset, cfg.eval_max_images)
     teacher_sha = None
     if cfg.teacher is not None:
-        teacher_sha = _file_sha256(paths["teacher"])
+        teacher_sha = file_sha256(paths["teacher"])
         store_sha = models[width_tag(cfg.widths[0])][1].get("teacher_sha256")
         if store_sha and teacher_sha != store_sha:
             warnings.warn(f"--teacher {cfg.teacher} (sha256 {teacher_sha[:12]}) is not the teacher that made "

@@ -371,6 +371,22 @@ def _preprocess_of(store: StoreReader) -> Preprocess:
     return Preprocess.from_dict(dict(store.manifest.preprocess))
 
 
+def train_config(cfg: StudentConfig) -> TrainConfig:
+    """The optimiser, schedule and loop settings of a student run (warm-up: at most a fifth of the run)."""
+    return TrainConfig(
+        iters=cfg.iters,
+        optim=OptimConfig(
+            lr=cfg.lr, warmup_iters=min(cfg.warmup_iters, max(1, cfg.iters // 5)), schedule=cfg.schedule,
+            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        ),
+        batch_size=cfg.batch_size,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+
+
 def run_train_student(cfg: StudentConfig) -> dict:
     """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary.
     Everything is checked before the run folder is touched; ``summary["skipped_images"]`` lists the damaged
@@ -456,18 +472,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
     meta = _student_meta(cfg, dataset, manifest, pre)
     if more_stores:
         meta["teachers"] = teachers_meta(cfg, [store, *more_stores])
-    train_cfg = TrainConfig(
-        iters=cfg.iters,
-        optim=OptimConfig(
-            lr=cfg.lr, warmup_iters=min(cfg.warmup_iters, max(1, cfg.iters // 5)), schedule=cfg.schedule,
-            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        ),
-        batch_size=cfg.batch_size,
-        checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
+    train_cfg = train_config(cfg)
     hooks = [CheckpointHook(cfg.checkpoint_every), MetricsLogHook(cfg.log_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
     if cfg.eval_every and cfg.eval_split:
         hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
