@@ -309,9 +309,27 @@ def storage(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict:
             print(f"  {backend} {dtype}: {row['bytes_per_image'] / 1024:.1f} KiB/image, "
                   f"{row['compression_ratio_vs_float32']:.2f}x, max |err| {row['max_abs_error']:.4f}", flush=True)
     maps = np.stack(reference)
+    study = codec_study(maps[: min(8, n)])
     return {"split": split, "stores": stores, "map": {"shape": list(maps.shape[1:]), "zero_fraction": float((maps == 0).mean()),
                                       "negative_fraction": float((maps < 0).mean())},
-            "codec_study": codec_study(maps[: min(8, n)]), "target": "int8 >= 8x"}
+            "codec_study": study, "int8_8x_budget": budget_for_8x(stores, study, maps[0].size), "target": "int8 >= 8x"}
+
+
+def budget_for_8x(stores: list[dict], study: dict, map_values: int) -> dict:
+    """What 8x leaves per image, against what the int8 maps need at their entropy (any coder of those codes
+    spends at least that) and what the records take as stored (zarr int8 store)."""
+    row = next(r for r in stores if r["backend"] == "zarr" and r["dtype"] == "int8")
+    by_array = row["bytes_per_image_by_array"]
+    budget = row["raw_float32_bytes_per_image"] / 8
+    bounds = {name: map_values * study[f"int8_{name}_entropy_bits_per_value"] / 8
+              for name in ("order0", "per_channel")}
+    return {"bytes_per_image_at_8x": budget,
+            "int8_map_bytes_as_stored": by_array["features"],
+            "int8_map_bytes_at_order0_entropy": bounds["order0"],
+            "int8_map_bytes_at_per_channel_entropy": bounds["per_channel"],
+            "record_bytes_as_stored": sum(v for k, v in by_array.items() if k != "features"),
+            "reachable_at_int8_precision": min(bounds.values()) + sum(
+                v for k, v in by_array.items() if k != "features") <= budget}
 
 
 def quantise_uint8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -367,9 +385,14 @@ def codec_study(maps: np.ndarray) -> dict:
     left = np.concatenate([np.zeros_like(mask[..., :1]), mask[..., :-1]], axis=-1)
     h_mask = sum(float((left == a).mean()) * entropy_bits(mask[left == a]) for a in (False, True))
     context_bits = h_mask + float(mask.mean()) * entropy_bits(q[mask])
+    # Each channel has its own scale, so its codes have their own distribution: H(code | channel), a bound for a
+    # coder that keeps one model per channel.
+    channel_bits = float(np.mean([entropy_bits(q[:, c]) for c in range(q.shape[1])]))
     return {"raw_float32_feature_bytes_per_image": raw, "images": len(maps), "rows": rows, "errors": errors,
             "zero_fraction": float(1 - mask.mean()),
             "int8_order0_entropy_bits_per_value": bits, "int8_order0_entropy_ratio_vs_float32": 32 / bits,
+            "int8_per_channel_entropy_bits_per_value": channel_bits,
+            "int8_per_channel_entropy_ratio_vs_float32": 32 / channel_bits,
             "int8_left_context_bound_bits_per_value": context_bits,
             "int8_left_context_bound_ratio_vs_float32": 32 / context_bits}
 
@@ -590,6 +613,12 @@ def table(r: dict) -> str:
                          f"{s['bytes_per_image'] / 1024:.1f} KiB, {s['compression_ratio_vs_float32']:.2f}x "
                          f"(max abs err {s['max_abs_error']:.4f}, rel RMS {s['relative_rms_error']:.4f}) | "
                          f"{'>= 8x' if s['dtype'] == 'int8' else ''} |")
+        b = r["storage"]["int8_8x_budget"]
+        lines.append(f"| int8 at 8x: bytes/image allowed vs maps at their entropy (order 0 / per channel) + "
+                     f"records as stored | {b['bytes_per_image_at_8x'] / 1024:.1f} KiB vs "
+                     f"{b['int8_map_bytes_at_order0_entropy'] / 1024:.1f} / "
+                     f"{b['int8_map_bytes_at_per_channel_entropy'] / 1024:.1f} + "
+                     f"{b['record_bytes_as_stored'] / 1024:.1f} KiB | |")
     if "read" in r:
         med = r["read"]["median"]
         lines += [
