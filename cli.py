@@ -171,8 +171,8 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
         raise click.BadParameter("--pool sizes the built-in dataset; a --data folder brings its own splits",
                                  param_hint="--pool")
     budget = budget_for(mode or "default", real_data=data is not None)
-    overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes, "seeds": seeds,
-                 "extras": extras, "widths": widths, "settings": settings, "strategies": strategies}
+    overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes,
+                 "seeds": seeds, "extras": extras, "widths": widths, "settings": settings, "strategies": strategies}
     if student_iters:
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})

@@ -323,13 +323,13 @@ def budget_for_8x(stores: list[dict], study: dict, map_values: int) -> dict:
     budget = row["raw_float32_bytes_per_image"] / 8
     bounds = {name: map_values * study[f"int8_{name}_entropy_bits_per_value"] / 8
               for name in ("order0", "per_channel")}
+    records = sum(v for k, v in by_array.items() if k != "features")
     return {"bytes_per_image_at_8x": budget,
             "int8_map_bytes_as_stored": by_array["features"],
             "int8_map_bytes_at_order0_entropy": bounds["order0"],
             "int8_map_bytes_at_per_channel_entropy": bounds["per_channel"],
-            "record_bytes_as_stored": sum(v for k, v in by_array.items() if k != "features"),
-            "reachable_at_int8_precision": min(bounds.values()) + sum(
-                v for k, v in by_array.items() if k != "features") <= budget}
+            "record_bytes_as_stored": records,
+            "reachable_at_int8_precision": min(bounds.values()) + records <= budget}
 
 
 def quantise_uint8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
