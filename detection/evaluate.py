@@ -172,7 +172,8 @@ def evaluate_model(
     numbers, "dataset", "model", "input", "timing", "plots": [paths], "notes", "profile" (with ``profile``:
     parameters, GFLOPs, ms/image at the typical input size; a few seconds)}``.
     ``meta`` is the checkpoint's meta (``classes``, ``preprocess``, optional ``input_scale``).
-    ``keep_hits`` adds ``recall["hits"]``: per test box, whether the top-300 proposals recall it at IoU 0.5 / 0.7.
+    ``keep_hits`` adds ``recall["hits"]``: per test box, whether the top-300 proposals recall it at IoU 0.5 / 0.7,
+    and ``voc["per_image"]`` (``VOCEvaluator.per_image``), what ``significance.paired_bootstrap_map`` compares.
     """
     from detection.device import select_device
 
@@ -216,6 +217,8 @@ def evaluate_model(
         results["recall"]["hits"] = {
             f"top{n}_iou{t}": ev.per_box_hits(top_n=n, iou_threshold=t).tolist() for n in (300,) for t in (0.5, 0.7)
         }
+    if keep_hits and "voc" in evaluators:
+        results["voc"]["per_image"] = evaluators["voc"].per_image()  # for a paired image bootstrap of mAP
 
     report: dict[str, Any] = {
         **results,

@@ -316,7 +316,7 @@ class Demo:
     # -- report
 
     def report(self, rows: list[dict], root: Path, parts: dict) -> dict:
-        from detection.metrics.significance import mcnemar
+        from detection.metrics.significance import mcnemar, paired_bootstrap_map
 
         self._side_by_side_latency(rows)
         teacher_ms = rows[0]["ms_per_image"]
@@ -330,12 +330,15 @@ class Demo:
             base = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], "none" if r["stage"] == 1 else "scratch"))
             if base and r.get("hits") and base.get("hits"):
                 r["vs_scratch"] = mcnemar(np.array(r["hits"], bool), np.array(base["hits"], bool))
+            if base and r.get("voc_per_image") and base.get("voc_per_image"):
+                # Detection quality: paired bootstrap over test images of the VOC07 mAP difference.
+                r["vs_scratch_map"] = paired_bootstrap_map(r["voc_per_image"], base["voc_per_image"])
         report = {
             "mode": self.cfg.mode,
             "data": str(root),
             "splits": parts,
             "budget": asdict(self.b),
-            "rows": [{k: v for k, v in r.items() if k not in ("hits", "curve", "run")} for r in rows],
+            "rows": [{k: v for k, v in r.items() if k not in ("hits", "voc_per_image", "curve", "run")} for r in rows],
             "timings_s": self.timings,
             "environment": _environment(),
         }
@@ -415,6 +418,7 @@ def _row(strategy: str, setting: str, seed, width: float, stage: int, ev: dict, 
         "gflops": s.get("gflops"),
         "ms_per_image": s.get("ms_per_image"),
         "hits": ev.get("recall", {}).get("hits", {}).get("top300_iou0.7"),
+        "voc_per_image": ev.get("voc", {}).get("per_image"),
     }
     if run is not None and (run / "eval.jsonl").exists():
         pts = []
@@ -433,7 +437,7 @@ def _pct(v) -> str:
 
 def format_table(report: dict) -> str:
     head = ("model", "setting", "seed", "w", "stage", "R@0.5", "R@0.7", "mAP@0.5", "COCO AP", "params", "GFLOPs", "ms/img",
-            "speed-up", "vs scratch (R@0.7, McNemar p)")
+            "speed-up", "vs scratch (R@0.7, McNemar p)", "vs scratch (mAP, 95% CI, bootstrap p)")
     with_store = any(r.get("store_mb") for r in report["rows"])
     if with_store:
         head = (*head, "store MB")
@@ -441,6 +445,9 @@ def format_table(report: dict) -> str:
     for r in report["rows"]:
         vs = r.get("vs_scratch")
         vs_s = f"b={vs['b']} c={vs['c']} p={vs['p_value']:.2g}" if vs else "-"
+        vm = r.get("vs_scratch_map")
+        vm_s = (f"{100 * vm['mean_diff']:+.1f} [{100 * vm['ci_low']:+.1f}, {100 * vm['ci_high']:+.1f}] "
+                f"p={vm['p_value']:.2g}" if vm else "-")
         lines.append("| " + " | ".join([
             r["strategy"] if r["strategy"] != "none" else "scratch", str(r["setting"]), str(r["seed"]), _w(r["width"]),
             str(r["stage"]), _pct(r["recall@300_iou0.5"]), _pct(r["recall@300_iou0.7"]),
@@ -448,7 +455,7 @@ def format_table(report: dict) -> str:
             f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
             f"{r['gflops']:.2f}" if r.get("gflops") else "-",
             f"{r['ms_per_image']:.1f}" if r.get("ms_per_image") else "-",
-            f"{r['speedup']:.1f}x" if r.get("speedup") else "-", vs_s]
+            f"{r['speedup']:.1f}x" if r.get("speedup") else "-", vs_s, vm_s]
             + ([f"{r['store_mb']:.1f}" if r.get("store_mb") else "-"] if with_store else [])) + " |")
     return "\n".join(lines)
 

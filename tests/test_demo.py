@@ -25,6 +25,13 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     # Scale mimic: the student sees the half-size image; every mimic row is paired with scratch (McNemar).
     assert all(row["input_scale"] == 0.5 for row in report["rows"] if row["strategy"].startswith("scale"))
     assert all("vs_scratch" in row for row in report["rows"] if row["strategy"] in ("roi", "map", "scale"))
+    # Every two-stage row carries the paired image bootstrap of its mAP against the scratch detector.
+    for row in report["rows"]:
+        if row["stage"] == 2 and row["strategy"].endswith("two-stage"):
+            vm = row["vs_scratch_map"]
+            assert vm["ci_low"] <= vm["mean_diff"] <= vm["ci_high"] and 0 < vm["p_value"] <= 1
+            assert vm["mean_diff"] == pytest.approx(row["mAP"] - next(
+                b["mAP"] for b in report["rows"] if b["strategy"] == "scratch" and b["stage"] == 2))
     by_strategy = {row["strategy"]: row for row in report["rows"] if row["stage"] == 1}
     # The storage ablation: the int8 store of the same teacher is smaller than the float16 one.
     assert 0 < by_strategy["roi, int8 store"]["store_mb"] < by_strategy["roi"]["store_mb"]
@@ -32,7 +39,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert "vs_scratch" in by_strategy["roi, 2 teachers"] and "store MB" in r.output
     for row in report["rows"]:
         assert 0.0 <= row["recall@300_iou0.5"] <= 1.0 and row["params"] > 0 and row["ms_per_image"] > 0
-    assert "| teacher |" in r.output and "McNemar" in r.output
+    assert "| teacher |" in r.output and "McNemar" in r.output and "bootstrap p" in r.output
     for plot in ("recall_iou.png", "recall_vs_iterations.png", "speed_accuracy.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     # Run again: every stage is found done, nothing is retrained.

@@ -130,3 +130,92 @@ def test_bad_inputs_name_the_problem():
         ev.process(empty_record("u", Path("u.jpg"), 5, 5, labelled=False), dets(np.zeros((0, 4)), [], []))
     with pytest.raises(ValueError, match="iou_threshold"):
         VOCConfig(iou_threshold=0.0)
+
+
+# ------------------------------------------------------------------ paired image bootstrap of mAP
+
+
+def _random_set(seed: int, images: int = 30, noise: float = 6.0):
+    """Records with 1-3 boxes of 2 classes (some difficult) and noisy detections with false positives."""
+    rng = np.random.default_rng(seed)
+    recs, detections = [], []
+    for i in range(images):
+        g = int(rng.integers(1, 4))
+        xy = rng.uniform(0, 150, (g, 2))
+        boxes = np.c_[xy, xy + rng.uniform(15, 45, (g, 2))]
+        labels = rng.integers(1, 3, g)
+        recs.append(record(f"im{i}", boxes, labels, rng.random(g) < 0.15))
+        jitter = boxes + rng.normal(0, noise, boxes.shape)
+        fp = rng.uniform(0, 150, (2, 2))
+        dboxes = np.r_[jitter, np.c_[fp, fp + 30]]
+        detections.append(dets(dboxes, rng.random(g + 2), np.r_[labels, rng.integers(1, 3, 2)]))
+    return recs, detections
+
+
+def _evaluated(recs, detections) -> VOCEvaluator:
+    ev = VOCEvaluator(classes=["cat", "dog"])
+    for r, d in zip(recs, detections):
+        ev.process(r, d)
+    return ev
+
+
+def test_weighted_map_with_unit_weights_is_the_evaluators_map():
+    from detection.metrics.significance import _weighted_map
+
+    ev = _evaluated(*_random_set(0))
+    res, per = ev.evaluate(), ev.per_image()
+    ones = np.ones((1, 30))
+    assert _weighted_map(per, ones, use_07_metric=True)[0] == pytest.approx(res["mAP_11pt"])
+    assert _weighted_map(per, ones, use_07_metric=False)[0] == pytest.approx(res["mAP_area"])
+
+
+def test_weights_count_images_as_drawn_with_replacement():
+    # Drawing image 0 twice, image 1 never, the rest once must score like an evaluator fed exactly that list.
+    from detection.metrics.significance import _weighted_map
+
+    recs, detections = _random_set(1)
+    weights = np.ones(30)
+    weights[0], weights[1] = 2.0, 0.0
+    drawn = [0, 0] + list(range(2, 30))
+    again = _evaluated([recs[i] for i in drawn], [detections[i] for i in drawn]).evaluate()
+    per = _evaluated(recs, detections).per_image()
+    for rule, key in ((True, "mAP_11pt"), (False, "mAP_area")):
+        assert _weighted_map(per, weights[None], use_07_metric=rule)[0] == pytest.approx(again[key])
+
+
+def test_paired_bootstrap_map_separates_a_good_model_from_a_poor_one():
+    from detection.metrics.significance import paired_bootstrap_map
+
+    recs, good = _random_set(2, images=60, noise=1.0)
+    _, poor = _random_set(2, images=60, noise=12.0)
+    a, b = _evaluated(recs, good), _evaluated(recs, poor)
+    res = paired_bootstrap_map(a.per_image(), b.per_image(), n=400, seed=0)
+    assert res["mean_diff"] == pytest.approx(a.evaluate()["mAP_11pt"] - b.evaluate()["mAP_11pt"])
+    assert 0 < res["ci_low"] <= res["mean_diff"] <= res["ci_high"]
+    assert res["p_value"] == pytest.approx(1 / 400)  # no draw at or below zero: floored at 1/n
+    same = paired_bootstrap_map(a.per_image(), a.per_image(), n=200)
+    assert (same["mean_diff"], same["ci_low"], same["ci_high"], same["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    assert paired_bootstrap_map(a.per_image(), b.per_image(), n=100, seed=5) == \
+        paired_bootstrap_map(a.per_image(), b.per_image(), n=100, seed=5)
+
+
+def test_paired_bootstrap_map_refuses_different_images():
+    from detection.metrics.significance import paired_bootstrap_map
+
+    recs, detections = _random_set(3)
+    a = _evaluated(recs, detections).per_image()
+    b = _evaluated(recs[:-1], detections[:-1]).per_image()
+    with pytest.raises(ValueError, match="different images"):
+        paired_bootstrap_map(a, b)
+
+
+def test_paired_bootstrap_map_of_a_model_without_detections():
+    # A detector that outputs nothing has AP 0 on every class with positives (as the evaluator says).
+    from detection.metrics.significance import paired_bootstrap_map
+
+    recs, detections = _random_set(4)
+    empty = [dets(np.zeros((0, 4)), [], []) for _ in recs]
+    a, b = _evaluated(recs, detections), _evaluated(recs, empty)
+    assert b.evaluate()["mAP_11pt"] == 0.0
+    res = paired_bootstrap_map(a.per_image(), b.per_image(), n=100)
+    assert res["mean_diff"] == pytest.approx(a.evaluate()["mAP_11pt"]) and res["ci_low"] > 0

@@ -18,7 +18,7 @@ import numpy as np
 from .caltech import CaltechConfig, CaltechEvaluator, log_average_miss_rate
 from .coco import COCOEvaluator
 from .recall import ProposalRecallEvaluator, RecallConfig, per_box_hits
-from .significance import mcnemar, paired_bootstrap
+from .significance import mcnemar, paired_bootstrap, paired_bootstrap_map
 from .voc import VOCConfig, VOCEvaluator, voc_ap
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "log_average_miss_rate",
     "mcnemar",
     "paired_bootstrap",
+    "paired_bootstrap_map",
     "per_box_hits",
     "to_jsonable",
     "voc_ap",

@@ -123,12 +123,16 @@ class VOCEvaluator:
         self._scores: list[list[np.ndarray]] = [[] for _ in range(k)]
         self._matches: list[list[np.ndarray]] = [[] for _ in range(k)]
         self._npos = np.zeros(k, np.int64)
+        self._images: list[list[np.ndarray]] = [[] for _ in range(k)]  # image index of each detection
+        self._npos_per_image: list[np.ndarray] = []  # int64[K] per image
+        self._image_ids: list[str] = []
         self.num_images = 0
 
     def process(self, record: ImageRecord, detections: Mapping[str, Any]) -> None:
         check_record(record)
         boxes, scores, labels = check_detections(detections, image_id=record.image_id, need_labels=True)
         check_labels(record, labels, num_classes=len(self.classes))
+        npos_here = np.zeros(len(self.classes), np.int64)
         for c in np.union1d(np.unique(record.labels), np.unique(labels)):
             g = record.labels == c
             d = labels == c
@@ -136,8 +140,27 @@ class VOCEvaluator:
                                 iou_threshold=self.config.iou_threshold)
             self._scores[c - 1].append(scores[d])
             self._matches[c - 1].append(matches)
-            self._npos[c - 1] += int(np.count_nonzero(~record.ignore[g]))
+            self._images[c - 1].append(np.full(len(matches), self.num_images, np.int64))
+            npos_here[c - 1] = int(np.count_nonzero(~record.ignore[g]))
+        self._npos += npos_here
+        self._npos_per_image.append(npos_here)
+        self._image_ids.append(str(record.image_id))
         self.num_images += 1
+
+    def per_image(self) -> dict[str, Any]:
+        """What a paired image-level bootstrap of mAP needs (``significance.paired_bootstrap_map``), as plain
+        lists: ``image_ids`` (I, processing order), ``num_positives`` ``int[I][K]``, and per class the matched
+        detections ``{"scores", "matches" (1 TP / 0 FP / -1 ignored), "image" (index into image_ids)}``."""
+        out: dict[str, Any] = {"classes": list(self.classes), "image_ids": list(self._image_ids),
+                               "num_positives": [n.tolist() for n in self._npos_per_image], "detections": {}}
+        for k, name in enumerate(self.classes):
+            cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
+            out["detections"][name] = {
+                "scores": cat(self._scores[k], np.float32).astype(np.float64).tolist(),
+                "matches": cat(self._matches[k], np.int8).astype(int).tolist(),
+                "image": cat(self._images[k], np.int64).tolist(),
+            }
+        return out
 
     def evaluate(self) -> dict[str, Any]:
         ap_area: dict[str, float] = {}
