@@ -115,7 +115,10 @@ class Demo:
         self.cfg, self.b, self.echo = cfg, cfg.plan, echo
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.timings: dict[str, float] = {}
+        # Seconds per stage, kept in the run folder so a resumed run still reports what earlier runs spent.
+        self._timings_path = self.out / "timings.json"
+        self.timings: dict[str, float] = (json.loads(self._timings_path.read_text())
+                                          if self._timings_path.exists() else {})
 
     def _stage(self, name: str, done: Path, fn: Callable[[], Any]) -> None:
         if done.exists():
@@ -125,6 +128,7 @@ class Demo:
         t = time.perf_counter()
         fn()
         self.timings[name] = time.perf_counter() - t
+        _write_json(self._timings_path, self.timings)
         self.echo(f"[demo] {name}: {self.timings[name]:.0f} s")
 
     # -- data

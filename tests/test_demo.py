@@ -42,9 +42,12 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert "| teacher |" in r.output and "McNemar" in r.output and "bootstrap p" in r.output
     for plot in ("recall_iou.png", "recall_vs_iterations.png", "speed_accuracy.png"):
         assert (out / "plots" / plot).stat().st_size > 0
-    # Run again: every stage is found done, nothing is retrained.
+    # Run again: every stage is found done, nothing is retrained, and the report keeps the first run's timings.
+    timings = report["timings_s"]
+    assert timings["teacher"] > 0 and any(k.startswith("student ") for k in timings)
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["timings_s"] == timings
     demo_lines = [line for line in r.output.splitlines() if line.startswith("[demo]")]
     assert len(demo_lines) >= 10 and all("done earlier" in line for line in demo_lines), demo_lines
 
