@@ -72,13 +72,18 @@ def _sorted_class_detections(per_image: dict, name: str) -> tuple[np.ndarray, np
     return matches[keep][order] == 1, image[keep][order]
 
 
-def _weighted_map(per_image: dict, weights: np.ndarray, use_07_metric: bool) -> np.ndarray:
+def _weighted_map(
+    per_image: dict, weights: np.ndarray, use_07_metric: bool,
+    sorted_classes: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> np.ndarray:
     """VOC mAP for each row of ``weights`` (``float[n, I]``: how many times each image is drawn); ``float[n]``.
-    With all-ones weights this is ``VOCEvaluator.evaluate()``'s mAP."""
+    With all-ones weights this is ``VOCEvaluator.evaluate()``'s mAP. ``sorted_classes`` (one
+    ``_sorted_class_detections`` per class) spares a caller with many chunks of draws the sort on each."""
     npos = np.asarray(per_image["num_positives"], np.float64).reshape(len(per_image["image_ids"]), -1)
+    if sorted_classes is None:
+        sorted_classes = [_sorted_class_detections(per_image, name) for name in per_image["classes"]]
     aps = []
-    for k, name in enumerate(per_image["classes"]):
-        is_tp, image = _sorted_class_detections(per_image, name)
+    for k, (is_tp, image) in enumerate(sorted_classes):
         positives = weights @ npos[:, k]  # [n]
         w = weights[:, image]  # [n, D]
         tp = np.cumsum(w * is_tp, axis=1)
@@ -117,8 +122,14 @@ def paired_bootstrap_map(
     if n < 1 or not 0.0 < confidence < 1.0:
         raise ValueError(f"paired_bootstrap_map: need n >= 1 and 0 < confidence < 1, got n={n}, confidence={confidence}")
     images = len(ids_a)
-    ones = np.ones((1, images))
-    observed = float(_weighted_map(per_image_a, ones, use_07_metric)[0] - _weighted_map(per_image_b, ones, use_07_metric)[0])
+    sorted_a = [_sorted_class_detections(per_image_a, name) for name in per_image_a["classes"]]
+    sorted_b = [_sorted_class_detections(per_image_b, name) for name in per_image_b["classes"]]
+
+    def difference(weights: np.ndarray) -> np.ndarray:
+        return (_weighted_map(per_image_a, weights, use_07_metric, sorted_a)
+                - _weighted_map(per_image_b, weights, use_07_metric, sorted_b))
+
+    observed = float(difference(np.ones((1, images)))[0])
     rng = np.random.default_rng(seed)
     diffs = np.empty(n)
     for start in range(0, n, chunk):
@@ -126,7 +137,7 @@ def paired_bootstrap_map(
         draws = rng.integers(0, images, size=(k, images))
         weights = np.zeros((k, images))
         np.add.at(weights, (np.repeat(np.arange(k), images), draws.ravel()), 1.0)
-        diffs[start:start + k] = _weighted_map(per_image_a, weights, use_07_metric) - _weighted_map(per_image_b, weights, use_07_metric)
+        diffs[start:start + k] = difference(weights)
     alpha = (1.0 - confidence) / 2
     low, high = np.nanquantile(diffs, [alpha, 1.0 - alpha])
     p = min(1.0, max(2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)), 1.0 / n))
