@@ -120,10 +120,13 @@ class Demo:
         self.timings: dict[str, float] = (json.loads(self._timings_path.read_text())
                                           if self._timings_path.exists() else {})
 
-    def _stage(self, name: str, done: Path, fn: Callable[[], Any]) -> None:
-        if done.exists():
+    def _stage(self, name: str, done: Path, fn: Callable[[], Any], stale: str | None = None) -> None:
+        """Run ``fn`` unless ``done`` exists; ``stale`` (a reason) runs it again over an outdated result."""
+        if done.exists() and stale is None:
             self.echo(f"[demo] {name}: done earlier ({done})")
             return
+        if stale is not None:
+            self.echo(f"[demo] {name}: {done} {stale}; scoring it again")
         self.echo(f"[demo] {name} ...")
         t = time.perf_counter()
         fn()
@@ -227,7 +230,12 @@ class Demo:
             slim["recall_curves"] = to_jsonable(report["recall"]["curves"])  # for the demo's plots
             _write_json(path, slim)
 
-        self._stage(f"evaluate {name}", path, work)
+        # Detection scores written before the per-image record cannot feed the mAP bootstrap: score them again
+        # (the file is replaced atomically, so an interrupted rescore keeps the old one).
+        stale = None
+        if detection and path.exists() and "per_image" not in json.loads(path.read_text()).get("voc", {}):
+            stale = "has no per-image detections (written by an older version)"
+        self._stage(f"evaluate {name}", path, work, stale=stale)
         return json.loads(path.read_text())
 
     # -- the whole run
