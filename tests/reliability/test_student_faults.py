@@ -31,16 +31,20 @@ def test_sigkill_mid_run_then_resume_gives_the_same_weights(world, tmp_path):
     ckpt = killed / "checkpoint.pt"
     stopped_at = []
     for _ in range(2):
-        last = ckpt.stat().st_mtime_ns if ckpt.exists() else None
         proc = subprocess.Popen([*CLI, *_args(world, killed)], env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
+        # Kill after this process's 2nd or 3rd checkpoint (every 5 iterations), a random moment into the next
+        # interval: at most 0.8 of the last interval seen, so the kill lands before the one after. A fixed
+        # delay instead let a fast machine reach the end (iteration 40) first.
+        wanted, seen, stamp = rng.choice([2, 3]), [], ckpt.stat().st_mtime_ns if ckpt.exists() else None
         deadline = time.time() + 120
-        # After this process's first checkpoint, a random moment (up to ~8 iterations later).
-        while proc.poll() is None and time.time() < deadline and (
-            not ckpt.exists() or ckpt.stat().st_mtime_ns == last
-        ):
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.5))
+        while proc.poll() is None and time.time() < deadline and len(seen) < wanted:
+            now = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+            if now != stamp:
+                stamp = now
+                seen.append(time.monotonic())
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.8 * (seen[-1] - seen[-2]) if len(seen) >= 2 else 0.0))
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, f"the run ended by itself (seed {seed})"
         assert not (killed / "model.pt").exists()
