@@ -121,12 +121,12 @@ class Demo:
                                           if self._timings_path.exists() else {})
 
     def _stage(self, name: str, done: Path, fn: Callable[[], Any], stale: str | None = None) -> None:
-        """Run ``fn`` unless ``done`` exists; ``stale`` (a reason) runs it again over an outdated result."""
+        """Run ``fn`` unless ``done`` exists; ``stale`` (why, and what is done about it) reruns an outdated result."""
         if done.exists() and stale is None:
             self.echo(f"[demo] {name}: done earlier ({done})")
             return
         if stale is not None:
-            self.echo(f"[demo] {name}: {done} {stale}; scoring it again")
+            self.echo(f"[demo] {name}: {done} {stale}")
         self.echo(f"[demo] {name} ...")
         t = time.perf_counter()
         fn()
@@ -232,11 +232,12 @@ class Demo:
 
         # Detection scores written before the per-image record cannot feed the mAP bootstrap: score them again
         # (the file is replaced atomically, so an interrupted rescore keeps the old one).
+        scored = json.loads(path.read_text()) if path.exists() else None
         stale = None
-        if detection and path.exists() and "per_image" not in json.loads(path.read_text()).get("voc", {}):
-            stale = "has no per-image detections (written by an older version)"
+        if detection and scored is not None and "per_image" not in scored.get("voc", {}):
+            stale = "has no per-image detections (written by an older version); scoring it again"
         self._stage(f"evaluate {name}", path, work, stale=stale)
-        return json.loads(path.read_text())
+        return scored if scored is not None and stale is None else json.loads(path.read_text())
 
     # -- the whole run
 

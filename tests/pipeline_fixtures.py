@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,3 +64,21 @@ def make_tiny_teacher(path: Path, *, width: float = 0.125, size: int = 64, seed:
     pre = Preprocess(min_size=size, max_size=size)
     save_detector(path, model, {"role": "teacher", "classes": list(CLASSES), "preprocess": pre.to_dict()})
     return path
+
+
+def completed_markers(store: Path) -> int:
+    """How many shards of a store being written carry their completion marker (0 before the store exists)."""
+    try:
+        return sum(1 for p in (store / "_complete").iterdir() if p.suffix == ".json")
+    except FileNotFoundError:
+        return 0
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120,
+               poll: float = 0.005) -> None:
+    """Poll `condition` until it holds, the process ends or `timeout` seconds pass (the caller checks which)."""
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None or time.time() > deadline:
+            return
+        time.sleep(poll)

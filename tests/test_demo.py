@@ -30,8 +30,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
         if row["stage"] == 2 and row["strategy"].endswith("two-stage"):
             vm = row["vs_scratch_map"]
             assert vm["ci_low"] <= vm["mean_diff"] <= vm["ci_high"] and 0 < vm["p_value"] <= 1
-            assert vm["mean_diff"] == pytest.approx(row["mAP"] - next(
-                b["mAP"] for b in report["rows"] if b["strategy"] == "scratch" and b["stage"] == 2))
+            assert vm["mean_diff"] == pytest.approx(row_map_diff(report, row["strategy"]))
     by_strategy = {row["strategy"]: row for row in report["rows"] if row["stage"] == 1}
     # The storage ablation: the int8 store of the same teacher is smaller than the float16 one.
     assert 0 < by_strategy["roi, int8 store"]["store_mb"] < by_strategy["roi"]["store_mb"]

@@ -24,7 +24,7 @@ from data.loader import DetectionImages, collate
 from data.transforms import Preprocess
 from detection.detector import load_detector
 from pipeline.extract import ExtractConfig, run_extract
-from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
+from tests.pipeline_fixtures import completed_markers, make_squares_voc, make_tiny_teacher, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,12 +151,7 @@ def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(tmp_path):
         target = rng.randint(1, num_shards // 2)
         proc = subprocess.Popen(base + ["--out", str(out)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        markers = out / "_complete"
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if markers.exists() and sum(1 for _ in markers.iterdir()) >= target:
-                break
-            time.sleep(0.002)
+        wait_until(lambda: completed_markers(out) >= target, proc, poll=0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         partial = open_store(out)

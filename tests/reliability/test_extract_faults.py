@@ -18,7 +18,7 @@ import pytest
 
 from data.featurestore import open_store, verify_store
 from pipeline.extract import ExtractConfig, run_extract
-from tests.pipeline_fixtures import make_squares_voc
+from tests.pipeline_fixtures import completed_markers, make_squares_voc, wait_until
 from tests.reliability.helpers import (
     CLI,
     SUBPROCESS_ENV,
@@ -38,21 +38,6 @@ def _extract_args(world: Path, out: Path, *extra) -> list:
 # ------------------------------------------------------------------------------------------------ SIGKILL
 
 
-def _markers(store: Path) -> int:
-    try:
-        return sum(1 for p in (store / "_complete").iterdir() if p.suffix == ".json")
-    except FileNotFoundError:
-        return 0
-
-
-def _wait(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if proc.poll() is not None or time.time() > deadline:
-            return
-        time.sleep(0.005)
-
-
 @pytest.mark.slow
 def test_sigkill_at_five_random_points_then_resume_equals_uninterrupted(world, tmp_path):
     seed = int(time.time())
@@ -67,21 +52,21 @@ def test_sigkill_at_five_random_points_then_resume_equals_uninterrupted(world, t
     for round_ in range(5):
         args = [*CLI, "extract-teacher", *map(str, common), "--out", str(store)] + (["--resume"] if round_ else [])
         proc = subprocess.Popen(args, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = _markers(store)
+        before = completed_markers(store)
         # A random point: as soon as the store exists, or after 1-3 more shards plus up to 20 ms (about one
         # shard of this tiny teacher on a fast machine: five rounds must leave shards to resume).
         new = rng.choice([0, 1, 2, 3])
         if new == 0:
-            _wait(lambda: (store / "manifest.json").exists() and _markers(store) == before, proc)
+            wait_until(lambda: (store / "manifest.json").exists() and completed_markers(store) == before, proc)
         else:
-            _wait(lambda: _markers(store) >= before + new, proc)
+            wait_until(lambda: completed_markers(store) >= before + new, proc)
             time.sleep(rng.uniform(0.0, 0.02))
         proc.send_signal(signal.SIGKILL)
         code = proc.wait()
-        points.append((new, before, _markers(store)))
+        points.append((new, before, completed_markers(store)))
         assert code == -signal.SIGKILL, f"round {round_} ended by itself (seed {seed}, points {points})"
         only_incomplete_shards(store)  # every shard with a marker verifies; the others are simply pending
-    assert _markers(store) < 32, f"nothing left to resume (seed {seed}, points {points})"
+    assert completed_markers(store) < 32, f"nothing left to resume (seed {seed}, points {points})"
     print(f"kill points (seed {seed}): (shards waited for, markers before, markers after) {points}")
     r = subprocess.run([*CLI, "extract-teacher", *map(str, common), "--out", str(store), "--resume"],
                        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
