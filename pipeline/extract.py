@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from data import load_dataset
 from data.errors import DataError, StoreError
-from data.featurestore import ImageFeatures, Manifest, create_store, open_writer
+from data.featurestore import ImageFeatures, Manifest, create_store
 from data.loader import DetectionImages, collate
 from data.records import Dataset, ImageRecord
 from data.transforms import Preprocess, resize_params

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from data import load_dataset
-from data.errors import DataError, StoreError
+from data.errors import StoreError
 from data.featurestore import StoreReader, open_store
 from data.loader import DetectionImages, mix_seeds
 from data.records import Dataset
