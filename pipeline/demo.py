@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from student.family import width_label
+
 MODES = ("quick", "default", "study")
 SETTINGS = ("same-data", "limited", "limited+pool")
 
@@ -408,6 +410,7 @@ class Demo:
 
 
 def _w(width: float) -> str:
+    """Width in run-folder names and labels (0.25 -> "1-4"); the table prints it as a fraction."""
     return {1.0: "1", 0.5: "1-2", 0.25: "1-4", 0.125: "1-8"}.get(width, f"{width:g}")
 
 
@@ -462,7 +465,7 @@ def format_table(report: dict) -> str:
         vm_s = (f"{100 * vm['mean_diff']:+.1f} [{100 * vm['ci_low']:+.1f}, {100 * vm['ci_high']:+.1f}] "
                 f"p={vm['p_value']:.2g}" if vm else "-")
         lines.append("| " + " | ".join([
-            r["strategy"] if r["strategy"] != "none" else "scratch", str(r["setting"]), str(r["seed"]), _w(r["width"]),
+            r["strategy"] if r["strategy"] != "none" else "scratch", str(r["setting"]), str(r["seed"]), width_label(r["width"]),
             str(r["stage"]), _pct(r["recall@300_iou0.5"]), _pct(r["recall@300_iou0.7"]),
             _pct(r["mAP"]) if r["stage"] == 2 else "-", _pct(r["coco_AP"]) if r["stage"] == 2 else "-",
             f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",

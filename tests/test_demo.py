@@ -39,6 +39,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     for row in report["rows"]:
         assert 0.0 <= row["recall@300_iou0.5"] <= 1.0 and row["params"] > 0 and row["ms_per_image"] > 0
     assert "| teacher |" in r.output and "McNemar" in r.output and "bootstrap p" in r.output
+    assert "| limited+pool | 0 | 1/8 | 1 |" in r.output  # widths print as fractions (folders say 1-8)
     for plot in ("recall_iou.png", "recall_vs_iterations.png", "speed_accuracy.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     # Run again: every stage is found done, nothing is retrained, and the report keeps the first run's timings.
