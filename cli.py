@@ -268,6 +268,10 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--sampler", type=click.Choice(["roialign", "native"]), default="roialign", show_default=True, help="How regions sample the maps.")
 @click.option("--mimic-weight", default=1.0, show_default=True, type=float, help="λ1, weight of the feature mimic loss.")
 @click.option("--logits-weight", default=None, type=float, help="Weight of logits matching (default 1 in stage 2 for roi/logits, else 0).")
+@click.option("--logits-balance/--no-logits-balance", default=True, show_default=True,
+              help="Weigh the proposals the teacher calls foreground and the background ones half each in the logits "
+                   "match (a teacher's top proposals are mostly background; the plain mean made a student's head "
+                   "call its objects background).")
 @click.option("--scale-mimic", is_flag=True, help="Student sees a half-size image and upsamples its map x2.")
 @click.option("--rois-per-image", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--flip", is_flag=True, help="Random horizontal flips (needs a store extracted with --flip).")
@@ -294,7 +298,7 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
               help="Verify the store's shards first and train without damaged images (reports how many).")
 @click.option("--overwrite", is_flag=True)
 def train_student_command(store, teacher_weights, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
-                          logits_weight, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
+                          logits_weight, logits_balance, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
                           aspect_ratios, unlabeled, unlabeled_data, unlabeled_split, unlabeled_fraction, subset, seed,
                           device, workers, eval_every, eval_split, checkpoint_every, skip_corrupt, overwrite) -> None:
     """Train a student detector from a teacher's feature store (the teacher is never loaded), or from several
@@ -306,7 +310,8 @@ def train_student_command(store, teacher_weights, data, split, out, width, stage
     summary = run_train_student(StudentConfig(
         store=store, teacher_weights=teacher_weights or None, data=Path(data), split=split, out=Path(out), width=width,
         stage=stage, init=Path(init) if init else None, head=head, mimic=mimic, sampler=sampler,
-        mimic_weight=mimic_weight, logits_weight=logits_weight, scale_mimic=scale_mimic, rois_per_image=rois_per_image, flip=flip, iters=iters,
+        mimic_weight=mimic_weight, logits_weight=logits_weight, logits_balance=logits_balance, scale_mimic=scale_mimic,
+        rois_per_image=rois_per_image, flip=flip, iters=iters,
         batch_size=batch_size, lr=lr, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
         unlabeled=unlabeled or None,
         unlabeled_data=Path(unlabeled_data) if unlabeled_data else None, unlabeled_split=unlabeled_split,

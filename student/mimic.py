@@ -623,13 +623,19 @@ def logits_mimic_loss(
     *,
     delta_weight: float = 1.0,
     center: bool = True,
+    balance: bool = True,
     foreground_threshold: float | None = 0.5,
 ) -> Tensor:
     """Two-stage mimic: L2 between head outputs on the same R proposals (K classes with background at 0).
 
-    Logits ``Tensor[R, K]``: ``1/(2R) Σ_i ‖(s_i − s̄_i) − (t_i − t̄_i)‖²/K``, each row centred on its mean
+    Logits ``Tensor[R, K]``: the mean over rows of ``‖(s_i − s̄_i) − (t_i − t̄_i)‖²/(2K)``, each row centred on its mean
     (``center``): softmax ignores a shift, so the teacher's mean logit carries no knowledge, and matching it
-    made the student's head chase logits of magnitude ~8 on top of its own cross-entropy.
+    made the student's head chase logits of magnitude ~8 on top of its own cross-entropy. With ``balance``,
+    the rows the teacher calls foreground (its most likely class is not background) and the background rows
+    weigh half each, when both occur: a teacher's top proposals are mostly background (94 % on the raccoon
+    photos), with confident logit gaps near −10, and the unbalanced mean taught a 1/4 student's head to call
+    its true objects background (fg probability 0.035, below the 0.05 score threshold; 7.0 mAP on held-out
+    images against 63.1 balanced; README, "two-stage mimic").
 
     Box deltas ``Tensor[R, 4K]`` (when both are given), times ``delta_weight``: ``1/(2F) Σ_{i∈F} ‖s_i[c_i] −
     t_i[c_i]‖²/4`` over the F proposals the teacher calls foreground (best foreground probability >
@@ -645,10 +651,14 @@ def logits_mimic_loss(
     s, t = student_logits, teacher_logits.detach().to(student_logits.dtype)
     if s.shape[0] == 0:
         loss = (s * 0).sum()
-    elif center:
-        loss = 0.5 * F.mse_loss(s - s.mean(dim=1, keepdim=True), t - t.mean(dim=1, keepdim=True))
     else:
-        loss = 0.5 * F.mse_loss(s, t)
+        sc, tc = (s - s.mean(dim=1, keepdim=True), t - t.mean(dim=1, keepdim=True)) if center else (s, t)
+        per_row = 0.5 * (sc - tc).pow(2).mean(dim=1)
+        if balance:
+            teacher_fg = t.argmax(dim=1) > 0
+            loss = torch.stack([per_row[m].mean() for m in (teacher_fg, ~teacher_fg) if m.any()]).mean()
+        else:
+            loss = per_row.mean()
     if student_deltas is None:
         return loss
     _check_head_outputs("deltas", student_deltas, teacher_deltas)

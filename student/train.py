@@ -6,7 +6,8 @@ Losses (named, summed by the trainer with per-name weights):
 - ``loss_mimic`` (weight λ1 = ``--mimic-weight``): eq. 5 of the paper over regions sampled from the teacher's
   stored proposals (``roi``), or whole-map L2 (``map``), on every image, labelled or not;
 - ``loss_logits`` (weight ``--logits-weight``, stage 2): L2 between the student head's class logits (each row
-  centred) and the teacher's stored ones on the same teacher proposals, plus L2 on the box deltas of the teacher's
+  centred) and the teacher's stored ones on the same teacher proposals (the rows the teacher calls foreground and
+  the background rows weigh half each, ``--logits-balance``), plus L2 on the box deltas of the teacher's
   class where the teacher calls a proposal foreground (two-stage mimic / logits-only baseline; see
   :func:`student.mimic.logits_mimic_loss` for why not every output).
 
@@ -81,6 +82,8 @@ class StudentConfig:
     sampler: str = "roialign"
     mimic_weight: float = 1.0
     logits_weight: float | None = None  # None: 1.0 for stage-2 "roi"/"logits", else 0
+    # Teacher-foreground and background rows weigh half each in the logits match (False: the plain row mean).
+    logits_balance: bool = True
     scale_mimic: bool = False
     rois_per_image: int = 64
     gt_rois: bool = False  # also mimic on ground-truth boxes
@@ -261,7 +264,8 @@ class StudentModel(nn.Module):
             logits, deltas = det.head_outputs(student_map, student_rois, b.image_sizes)
             t_logits = torch.cat([tl[idx] for tl, idx in zip(mb.teacher_logits, self._roi_index)])
             t_deltas = torch.cat([td[idx] for td, idx in zip(mb.teacher_deltas, self._roi_index)])
-            losses["loss_logits"] = logits_mimic_loss(logits, t_logits, deltas, t_deltas)
+            losses["loss_logits"] = logits_mimic_loss(logits, t_logits, deltas, t_deltas,
+                                                      balance=cfg.logits_balance)
         return losses
 
     def _feature_mimic(self, student_map: Tensor, teacher_map: Tensor, teacher_hw, rois, transform) -> Tensor:

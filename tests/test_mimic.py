@@ -282,7 +282,7 @@ def test_logits_mimic_plain_form_known_answer() -> None:
     """center=False, foreground_threshold=None: plain L2 over every logit and every delta column."""
     student_logits = torch.zeros(2, 3, requires_grad=True)
     teacher_logits = torch.ones(2, 3, requires_grad=True)
-    plain = dict(center=False, foreground_threshold=None)
+    plain = dict(center=False, balance=False, foreground_threshold=None)
     assert logits_mimic_loss(student_logits, teacher_logits, **plain).item() == pytest.approx(0.5)
     loss = logits_mimic_loss(
         student_logits, teacher_logits, torch.zeros(2, 12), torch.full((2, 12), 2.0).half(), delta_weight=0.5, **plain
@@ -299,6 +299,23 @@ def test_logits_mimic_ignores_a_per_row_shift_of_the_logits() -> None:
     assert logits_mimic_loss(shifted, teacher).item() == pytest.approx(0.0, abs=1e-12)
     # centred rows: s − s̄ = [0, 0, 0] against t − t̄ = [3, -3, 0] and [0, 3, -3] -> (9+9)·2 / (2·2·3) = 3
     assert logits_mimic_loss(torch.zeros(2, 3), teacher).item() == pytest.approx(3.0)
+
+
+def test_logits_mimic_weighs_teacher_foreground_and_background_rows_half_each() -> None:
+    """Three background rows the student matches exactly and one foreground row it misses: balanced, the miss
+    is half the loss; the plain row mean dilutes it to a quarter (what taught heads to call objects background)."""
+    teacher = torch.tensor([[5.0, -5.0], [4.0, -4.0], [6.0, -6.0], [-2.0, 2.0]])  # rows 0-2 background, row 3 fg
+    student = teacher.clone()
+    student[3] = torch.tensor([2.0, -2.0])  # centred error [4, -4] on the foreground row: 0.5·16 = 8 per row
+    student.requires_grad_(True)
+    balanced = logits_mimic_loss(student, teacher)
+    assert balanced.item() == pytest.approx(8.0 / 2)
+    assert logits_mimic_loss(student, teacher, balance=False).item() == pytest.approx(8.0 / 4)
+    balanced.backward()
+    assert student.grad is not None and student.grad[:3].abs().sum() == 0 and student.grad[3, 1] < 0
+    # One kind of row only: the plain mean.
+    assert logits_mimic_loss(student[:3], teacher[:3]).item() == pytest.approx(0.0)
+    assert logits_mimic_loss(student[3:], teacher[3:]).item() == pytest.approx(8.0)
 
 
 def test_logits_mimic_matches_deltas_on_teacher_foreground_rows_and_class_only() -> None:
