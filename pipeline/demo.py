@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -208,7 +209,19 @@ class Demo:
             eval_every=b.eval_every if stage == 1 else 0, eval_split="test" if stage == 1 else None,
             eval_max_images=b.eval_images, checkpoint_every=max(10, b.student_iters // 4),
         )
-        self._stage(f"student {name}", run / "model.pt", lambda: run_train_student(cfg))
+        stale = _older_logits_match(run) if stage == 2 and mimic != "none" else None
+        if stale is not None:
+            # Set the old run aside with its score (the trainer would resume from its checkpoint, and the score
+            # belongs to the old model); nothing is deleted.
+            old = run.with_name(f"{run.name}.unbalanced")
+            if old.exists():
+                shutil.rmtree(old)
+            run.rename(old)
+            score = self.out / "eval" / f"{name}.json"
+            if score.exists():
+                score.rename(old / "eval.json")
+            stale += f"; training it again (the old run is kept in {old})"
+        self._stage(f"student {name}", run / "model.pt", lambda: run_train_student(cfg), stale=stale)
         return run / "model.pt"
 
     # -- evaluation
@@ -407,6 +420,17 @@ class Demo:
         if points:
             plots.plot_speed_accuracy(points=points, teacher_point=(t["label"], t["ms_per_image"], t["mAP"]),
                                       path=folder / "speed_accuracy.png")
+
+
+def _older_logits_match(run: Path) -> str | None:
+    """Why a finished two-stage mimic student in ``run`` is outdated, or None: students written before the logits
+    match weighed teacher-foreground and background rows half each have no ``logits_balance`` in their config."""
+    config = run / "student_config.json"
+    if not (run / "model.pt").exists() or not config.exists():
+        return None
+    if "logits_balance" in json.loads(config.read_text()):
+        return None
+    return "was trained with the unbalanced logits match of an older version"
 
 
 def _w(width: float) -> str:

@@ -63,6 +63,21 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     roi2 = next(row for row in json.loads((out / "report.json").read_text())["rows"]
                 if row["strategy"] == "roi + two-stage")
     assert roi2["vs_scratch_map"]["mean_diff"] == pytest.approx(row_map_diff(report, "roi + two-stage"))
+    # A two-stage mimic student from before the balanced logits match is trained and scored again; the old run
+    # and its score are kept beside it.
+    run2 = out / "students" / stale.stem
+    config_path = run2 / "student_config.json"
+    config = json.loads(config_path.read_text())
+    del config["logits_balance"]
+    config_path.write_text(json.dumps(config))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    retrained = [line for line in r.output.splitlines() if "unbalanced logits match" in line]
+    assert len(retrained) == 1 and stale.stem in retrained[0], r.output
+    assert f"[demo] evaluate {stale.stem} ..." in r.output
+    old = run2.with_name(f"{run2.name}.unbalanced")
+    assert (old / "model.pt").exists() and "per_image" in json.loads((old / "eval.json").read_text())["voc"]
+    assert json.loads(config_path.read_text())["logits_balance"] is True and stale.exists()
 
 
 def row_map_diff(report: dict, strategy: str) -> float:
