@@ -79,10 +79,11 @@ TARGETS = {"speedup_min": 5.0, "data_fraction_max": 0.05, "mimic_fraction_max": 
 # ------------------------------------------------------------------------------------------- setup
 
 
-def make_teacher(path: Path, data: Path, *, seed: int = 0, calib_batches: int = 4) -> Path:
-    """A w = 1 teacher (random weights) whose batch norm statistics are the dataset's, saved as a checkpoint."""
+def make_teacher(path: Path, data: Path, *, seed: int = 0, calib_batches: int = 4, size: int = SIZE) -> Path:
+    """A w = 1 teacher (random weights) whose batch norm statistics are the dataset's, saved as a checkpoint;
+    it resizes images to ``size`` px."""
     dataset = load_dataset(data, "train")
-    pre = Preprocess(min_size=SIZE, max_size=SIZE)
+    pre = Preprocess(min_size=size, max_size=size)
     torch.manual_seed(seed)
     model = build_detector(DetectorConfig(num_classes=dataset.num_classes, width=1.0, head="fast-rcnn"))
     # Calibrate BN on real images with a cumulative average (momentum None), so the stored running stats are

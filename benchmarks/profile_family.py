@@ -11,6 +11,7 @@ against w = 1) and writes the full numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -78,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-classes", type=int, default=2, help="including background (2: pedestrians)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--amp", action="store_true", help="CUDA only: time under fp16 autocast, as the trainers run")
     args = ap.parse_args(argv)
+    on_cuda = torch.device(args.device).type == "cuda"
+    if args.amp and not on_cuda:
+        raise SystemExit("--amp needs --device cuda (CPU autocast is slower than fp32 for these models)")
+    if on_cuda:
+        # One fixed input size per table: let cuDNN pick its fastest kernels once, as a deployed model would.
+        torch.backends.cudnn.benchmark = True
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -93,14 +101,18 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(torch.device(args.device)) if on_cuda else None,
         },
+        "amp": args.amp,
         "head": "fast-rcnn",
         "num_classes": args.num_classes,
         "results": {},
     }
     for size in parse_sizes(args.sizes):
         repeats, warmup = (args.big_repeats, 1) if is_big(size) else (args.repeats, args.warmup)
-        rows = profile_models(models, size, repeats=repeats, warmup=warmup, device=args.device)
+        precision = torch.autocast("cuda", dtype=torch.float16) if args.amp else contextlib.nullcontext()
+        with precision:
+            rows = profile_models(models, size, repeats=repeats, warmup=warmup, device=args.device)
         report["results"][f"{size[0]}x{size[1]}"] = rows
         print(table(rows, size), "\n", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
