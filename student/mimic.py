@@ -43,9 +43,10 @@ backward dominates a small student's step. :func:`roi_mimic_loss` computes the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -492,7 +493,29 @@ def _use_kernel(h: int, w: int, rois_per_image: float, bins: int, student_channe
 
 # ------------------------------------------------------------------------------------------ losses
 
+_Loss = TypeVar("_Loss", bound=Callable[..., Tensor])
+_HALF = (torch.float16, torch.bfloat16)
 
+
+def _in_fp32(fn: _Loss) -> _Loss:
+    """Run a loss in float32 whatever autocast says: the fast forms sum every squared error before normalising,
+    and under CUDA AMP that sum in fp16 passed 65504 (inf at the first step of a real run). Half-precision tensor
+    arguments are cast up (autograd carries the gradient back to fp16); the cost is small beside the network."""
+
+    def up(x):
+        return x.float() if isinstance(x, Tensor) and x.dtype in _HALF else x
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapped  # type: ignore[return-value]
+
+
+
+@_in_fp32
 def roi_mimic_loss(
     student_map: Tensor,
     teacher_map: Tensor,
@@ -548,6 +571,7 @@ def roi_mimic_loss(
     return err / (2.0 * total * ct * ph * pw)
 
 
+@_in_fp32
 def roi_mimic_loss_reference(
     student_map: Tensor,
     teacher_map: Tensor,
@@ -591,6 +615,7 @@ def roi_mimic_loss_reference(
     return torch.stack(terms).sum() / (2.0 * total)
 
 
+@_in_fp32
 def map_mimic_loss(
     student_map: Tensor,
     teacher_map: Tensor,
@@ -615,6 +640,7 @@ def map_mimic_loss(
     return 0.5 * torch.stack(terms).mean()
 
 
+@_in_fp32
 def logits_mimic_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,

@@ -174,6 +174,28 @@ def test_fast_form_matches_reference_in_float32_with_fp16_teacher(sampler: str, 
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
+def test_losses_run_in_float32_under_fp16_autocast(sampler: str, roialign_path: str) -> None:
+    # Under CUDA AMP the student's map is fp16; the fast forms' un-normalised sum of squared errors passed
+    # fp16's 65504 (inf at the first step). CPU autocast in fp16 reproduces that.
+    gen = torch.Generator().manual_seed(5)
+    student = (30 * torch.randn(2, 6, 12, 12, generator=gen)).half().requires_grad_()
+    teacher = torch.zeros(2, 10, 12, 12).half()
+    r = MimicTransform(student_channels=6, teacher_channels=10)
+    rois = [random_boxes(gen, 64, 12, 12, 16).float() for _ in range(2)]
+    kwargs = dict(spatial_scale=1 / 16, sampler=sampler)
+    expected = roi_mimic_loss(student.detach().float(), teacher.float(), rois, r, **kwargs)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = roi_mimic_loss(student, teacher, rois, r, **kwargs)
+        mapped = map_mimic_loss(student, teacher, r)
+        logits = logits_mimic_loss(300 * student[0, :3].flatten(1).t(), torch.zeros(144, 3).half())
+    assert got.dtype == mapped.dtype == logits.dtype == torch.float32
+    assert math.isfinite(got.item()) and got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert math.isfinite(mapped.item()) and math.isfinite(logits.item())
+    (got + mapped + logits).backward()
+    assert student.grad.dtype == torch.float16 and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("form", FORMS)
 def test_no_gradient_reaches_the_teacher(sampler: str, form: str, roialign_path: str) -> None:
     gen = torch.Generator().manual_seed(4)
