@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu.sh [OUT [WORK]]   (OUT defaults to benchmarks/results/gpu, WORK to OUT/work)
 # Writes to OUT only small files: device.txt (the card), demo_report.json (quick demo on CUDA: data, teacher,
 # extraction, students, evaluation), profile_fp32.json and profile_amp.json (teacher and students, inference ms at
-# 1000x1500, the paper's Caltech input) and throughput.json (extraction and student training images/s). The run
+# 1000x1500, the paper's Caltech input), batch_fp32.json and batch_amp.json (ms per image at batch 1, 8 and 32) and
+# throughput.json (extraction and student training images/s). The run
 # folders go to WORK. Every step runs even when one before it fails; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,12 @@ step profile-fp32 120 "$PY" benchmarks/profile_family.py --device "$DEV" --sizes
     --big-repeats 30 --out "$OUT/profile_fp32.json"
 [ "$DEV" = cpu ] || step profile-amp 120 "$PY" benchmarks/profile_family.py --device cuda --amp --sizes 1000x1500 --big-repeats 30 \
     --out "$OUT/profile_amp.json"
-# 3. extraction and student training images/s through the real pipeline code
+# 3. per-image cost against batch size (1, 8, 32) at 1000x1500, fp32 and fp16 autocast: where the FLOPs show
+step batch-fp32 90 "$PY" benchmarks/batch_latency.py --device "$DEV" --size "${GPU_PROFILE_SIZE:-1000x1500}" \
+    --batches "${GPU_BATCHES:-1,8,32}" --out "$OUT/batch_fp32.json"
+[ "$DEV" = cpu ] || step batch-amp 90 "$PY" benchmarks/batch_latency.py --device cuda --amp --batches 1,8,32 \
+    --out "$OUT/batch_amp.json"
+# 4. extraction and student training images/s through the real pipeline code
 step throughput 180 "$PY" benchmarks/gpu_throughput.py --device "$DEV" --size "${GPU_SIZE:-512}" \
     --images "${GPU_IMAGES:-96}" --iters "${GPU_ITERS:-40}" \
     --work "$WORK/throughput" --out "$OUT/throughput.json"
