@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import statistics
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,21 +23,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _results import write_report  # noqa: E402
 from detection.detector import DetectorConfig, build_detector  # noqa: E402
 from detection.device import select_device  # noqa: E402
+from detection.profile import time_backbone_ms, time_predict_ms  # noqa: E402
 
 WIDTHS = (1.0, 0.5, 0.25, 0.125)
-
-
-def timed_ms(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = {name: {"backbone": [], "predict": []} for name in models}
             for i in range(args.warmup + args.repeats):
                 for name, m in models.items():
-                    bb = timed_ms(lambda: m.backbone(images), device)
-                    pr = timed_ms(lambda: m.predict(images, sizes), device)
+                    bb, pr = time_backbone_ms(m, images), time_predict_ms(m, images, sizes)
                     if i >= args.warmup:
                         samples[name]["backbone"].append(bb / b)
                         samples[name]["predict"].append(pr / b)
@@ -94,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "input_px": [h, w], "amp": args.amp, "repeats": args.repeats,
               "ms_per_image": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

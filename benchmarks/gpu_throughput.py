@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -34,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+
+from _results import write_report  # noqa: E402
 from data.featurestore import inspect_store  # noqa: E402
 from data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E402
 from detection.device import select_device  # noqa: E402
@@ -123,11 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| device | input | extraction img/s (w=1 teacher) | student training img/s (w=1/4, RoI mimic) |\n"
           f"|---|---|---|---|\n| {report['device']} | {args.size}x{args.size} | {ext['images_per_s']:.1f} "
           f"| {train['images_per_s']:.1f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -22,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _results
 
+from _results import write_report  # noqa: E402
 from detection.detector import DetectorConfig, build_detector  # noqa: E402
 from detection.profile import profile_models  # noqa: E402
 
@@ -115,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = profile_models(models, size, repeats=repeats, warmup=warmup, device=args.device)
         report["results"][f"{size[0]}x{size[1]}"] = rows
         print(table(rows, size), "\n", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 
