@@ -209,11 +209,13 @@ class Demo:
             eval_every=b.eval_every if stage == 1 else 0, eval_split="test" if stage == 1 else None,
             eval_max_images=b.eval_images, checkpoint_every=max(10, b.student_iters // 4),
         )
-        stale = _older_logits_match(run) if stage == 2 and mimic != "none" else None
-        if stale is not None:
+        outdated = _older_logits_match(run) if stage == 2 and mimic != "none" else None
+        stale = None
+        if outdated is not None:
             # Set the old run aside with its score (the trainer would resume from its checkpoint, and the score
             # belongs to the old model); nothing is deleted.
-            old = run.with_name(f"{run.name}.unbalanced")
+            tag, stale = outdated
+            old = run.with_name(f"{run.name}.{tag}")
             if old.exists():
                 shutil.rmtree(old)
             run.rename(old)
@@ -422,15 +424,27 @@ class Demo:
                                       path=folder / "speed_accuracy.png")
 
 
-def _older_logits_match(run: Path) -> str | None:
-    """Why a finished two-stage mimic student in ``run`` is outdated, or None: students written before the logits
-    match weighed teacher-foreground and background rows half each have no ``logits_balance`` in their config."""
+def _older_logits_match(run: Path) -> tuple[str, str] | None:
+    """Why a finished two-stage mimic student in ``run`` is outdated, as (folder tag, reason), or None.
+
+    Students written before the logits match weighed teacher-foreground and background rows half each have no
+    ``logits_balance`` in their config; students written before the weight moved to ``DEFAULT_LOGITS_WEIGHT``
+    record another ``logits_weight`` (``null``: the older default, 1).
+    """
+    from student.train import DEFAULT_LOGITS_WEIGHT
+
     config = run / "student_config.json"
     if not (run / "model.pt").exists() or not config.exists():
         return None
-    if "logits_balance" in json.loads(config.read_text()):
-        return None
-    return "was trained with the unbalanced logits match of an older version"
+    recorded = json.loads(config.read_text())
+    if "logits_balance" not in recorded:
+        return "unbalanced", "was trained with the unbalanced logits match of an older version"
+    weight = recorded.get("logits_weight")
+    weight = 1.0 if weight is None else float(weight)
+    if weight != DEFAULT_LOGITS_WEIGHT:
+        return (f"logits-w{weight:g}",
+                f"was trained with logits weight {weight:g} (an older default; now {DEFAULT_LOGITS_WEIGHT:g})")
+    return None
 
 
 def _w(width: float) -> str:

@@ -84,7 +84,9 @@ class FamilyConfig:
     batch_size: int = 8
     lr: float = 0.02
     mimic_weight: float = 1.0
-    logits_weight: float = 1.0  # stage 2, mimic students (0 for mimic "none")
+    # Stage 2, mimic students (0 for mimic "none"); student.train.DEFAULT_LOGITS_WEIGHT, written out so this
+    # module stays importable without torch (tests/test_family.py checks they agree).
+    logits_weight: float = 0.3
     rois_per_image: int = 64
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from student.train import DEFAULT_LOGITS_WEIGHT
 
 
 @pytest.mark.slow
@@ -78,6 +79,17 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     old = run2.with_name(f"{run2.name}.unbalanced")
     assert (old / "model.pt").exists() and "per_image" in json.loads((old / "eval.json").read_text())["voc"]
     assert json.loads(config_path.read_text())["logits_balance"] is True and stale.exists()
+    # So is one trained with the older default logits weight (recorded as null then, meaning 1).
+    config = json.loads(config_path.read_text())
+    assert config["logits_weight"] == DEFAULT_LOGITS_WEIGHT
+    config["logits_weight"] = None
+    config_path.write_text(json.dumps(config))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    retrained = [line for line in r.output.splitlines() if "logits weight 1 (an older default" in line]
+    assert len(retrained) == 1 and stale.stem in retrained[0], r.output
+    assert (run2.with_name(f"{run2.name}.logits-w1") / "eval.json").exists() and (old / "model.pt").exists()
+    assert json.loads(config_path.read_text())["logits_weight"] == DEFAULT_LOGITS_WEIGHT and stale.exists()
 
 
 def row_map_diff(report: dict, strategy: str) -> float:

@@ -13,6 +13,7 @@ from cli import main
 from detection.detector import load_detector
 from pipeline.extract import ExtractConfig, run_extract
 from student.family import FamilyConfig, parse_widths, pick_within_budget, width_label, width_tag
+from student.train import DEFAULT_LOGITS_WEIGHT, StudentConfig
 from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
 
 
@@ -42,6 +43,15 @@ def test_config_refuses_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="given twice"):
         FamilyConfig(**base, widths=(0.25, 0.25))
     assert FamilyConfig(**base, iters=9).second_iters == 4 and FamilyConfig(**base).metric == "mAP@0.5_11pt"
+
+
+def test_family_and_student_share_the_default_logits_weight(tmp_path):
+    assert FamilyConfig(store="s", data=tmp_path, out=tmp_path / "f").logits_weight == DEFAULT_LOGITS_WEIGHT
+    # The student config records the weight it resolves to, so a run folder says what it trained with.
+    two_stage = StudentConfig(store="s", data=tmp_path, out=tmp_path / "r", stage=2, mimic="roi")
+    assert two_stage.logits_weight == DEFAULT_LOGITS_WEIGHT == two_stage.to_dict()["logits_weight"]
+    assert StudentConfig(store="s", data=tmp_path, out=tmp_path / "r", stage=2, mimic="none").logits_weight == 0.0
+    assert StudentConfig(store="s", data=tmp_path, out=tmp_path / "r", stage=1).logits_weight == 0.0
 
 
 def test_budget_pick_takes_the_most_accurate_width_that_fits():
