@@ -62,7 +62,7 @@ STRATEGIES = ("roi", "map", "logits", "none")
 
 # Stage-2 logits-match weight for "roi"/"logits" students. Chosen on held-out images in three settings (README,
 # "Picking the logits-match weight"): at 1.0 the match dragged a strong teacher's 1/4 student's backbone off its
-# proposals (R@0.7 34.6 -> 26.2 during stage 2, mAP 6 points under scratch); 0.3 was ahead of scratch in all three.
+# proposals (R@0.7 34.6 -> 26.2 during stage 2, mAP 5 points under scratch); 0.3 was ahead of scratch in all three.
 DEFAULT_LOGITS_WEIGHT = 0.3
 SAMPLERS = ("roialign", "native")
 
