@@ -122,7 +122,7 @@ def student_trainer(cfg: StudentConfig, classes: tuple[str, ...], channels: int,
         batches=lambda start: iter(()),
         out_dir=out,
         hooks=[],
-        loss_weights={"loss_mimic": cfg.mimic_weight, "loss_logits": cfg.effective_logits_weight},
+        loss_weights={"loss_mimic": cfg.mimic_weight, "loss_logits": cfg.logits_weight},
     )
     trainer.model.train()
     return trainer

@@ -209,12 +209,10 @@ class Demo:
             eval_every=b.eval_every if stage == 1 else 0, eval_split="test" if stage == 1 else None,
             eval_max_images=b.eval_images, checkpoint_every=max(10, b.student_iters // 4),
         )
-        outdated = _older_logits_match(run) if stage == 2 and mimic != "none" else None
-        stale = None
-        if outdated is not None:
+        tag, stale = (_older_logits_match(run) if stage == 2 and mimic != "none" else None) or (None, None)
+        if stale is not None:
             # Set the old run aside with its score (the trainer would resume from its checkpoint, and the score
             # belongs to the old model); nothing is deleted.
-            tag, stale = outdated
             old = run.with_name(f"{run.name}.{tag}")
             if old.exists():
                 shutil.rmtree(old)

@@ -59,12 +59,12 @@ from student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi
 from student.stream import MimicImages, MixedSampler, check_source, make_mimic_loader, open_source
 
 STRATEGIES = ("roi", "map", "logits", "none")
+SAMPLERS = ("roialign", "native")
 
 # Stage-2 logits-match weight for "roi"/"logits" students. Chosen on held-out images in three settings (README,
 # "Picking the logits-match weight"): at 1.0 the match dragged a strong teacher's 1/4 student's backbone off its
 # proposals (R@0.7 34.6 -> 26.2 during stage 2, mAP 5 points under scratch); 0.3 was ahead of scratch in all three.
 DEFAULT_LOGITS_WEIGHT = 0.3
-SAMPLERS = ("roialign", "native")
 
 
 def mimic_loss_name(k: int) -> str:
@@ -217,10 +217,6 @@ class StudentConfig:
         return 0.5 if self.scale_mimic else 1.0
 
     @property
-    def effective_logits_weight(self) -> float:
-        return float(self.logits_weight)
-
-    @property
     def feature_mimic(self) -> bool:
         return self.mimic in ("roi", "map")
 
@@ -259,14 +255,14 @@ class StudentModel(nn.Module):
             feats.append(det.features(b.images[nl:]))
         student_map = torch.cat(feats) if len(feats) > 1 else feats[0]
 
-        if cfg.feature_mimic or self.cfg.effective_logits_weight > 0:
+        if cfg.feature_mimic or self.cfg.logits_weight > 0:
             rois = self._regions(mb)
         if cfg.feature_mimic:
             teachers = [(mb.teacher_features, mb.teacher_hw, self.transform)]
             teachers += zip(mb.more_teacher_features, mb.more_teacher_hw, self.more_transforms)
             for k, (teacher_map, teacher_hw, transform) in enumerate(teachers):
                 losses[mimic_loss_name(k)] = self._feature_mimic(student_map, teacher_map, teacher_hw, rois, transform)
-        if cfg.effective_logits_weight > 0 and det.config.head != "none":
+        if cfg.logits_weight > 0 and det.config.head != "none":
             scale = cfg.input_scale
             student_rois = [r * scale for r in rois]
             logits, deltas = det.head_outputs(student_map, student_rois, b.image_sizes)
@@ -527,7 +523,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
         batches=batches,
         out_dir=cfg.out,
         hooks=hooks,
-        loss_weights={"loss_logits": cfg.effective_logits_weight}
+        loss_weights={"loss_logits": cfg.logits_weight}
         | {mimic_loss_name(k): cfg.mimic_weight * w for k, w in enumerate(cfg.weights)},
         meta=meta,
     )
