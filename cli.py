@@ -142,6 +142,10 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
 @click.option("--extras/--no-extras", default=None,
               help="Also train stage-1 RoI-mimic students from two teachers (w=1 and w=1/2) and from an int8 store "
                    "(on by default in --study).")
+@click.option("--control-teacher/--no-control-teacher", default=None,
+              help="Also train a control teacher (same width and budget) on the students' labelled images only, and "
+                   "RoI-mimic students of it: the real teacher's students minus the control's is what the teacher "
+                   "transfers; the control's minus scratch is regularisation (limited settings only).")
 @click.option("--seeds", default=None, callback=_csv(int),
               help="Student seeds, e.g. 0,1 (default: 0; the study: 0,1). Rerunning with more seeds reuses the rest.")
 @click.option("--widths", default=None, callback=_widths,
@@ -152,8 +156,8 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
-def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, seeds, widths, settings,
-         strategies, device, workers) -> None:
+def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, control_teacher, seeds,
+         widths, settings, strategies, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
@@ -172,7 +176,8 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
                                  param_hint="--pool")
     budget = budget_for(mode or "default", real_data=data is not None)
     overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes,
-                 "seeds": seeds, "extras": extras, "widths": widths, "settings": settings, "strategies": strategies}
+                 "seeds": seeds, "extras": extras, "control_teacher": control_teacher, "widths": widths,
+                 "settings": settings, "strategies": strategies}
     if student_iters:
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
@@ -355,6 +360,10 @@ def _float_list(ctx, param, value):
 @main.command("train-teacher")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech).")
 @click.option("--split", default="train", show_default=True)
+@click.option("--subset", default=None, type=click.IntRange(min=1),
+              help="Train on N images of --split only, drawn by --subset-seed as train-student --subset draws them "
+                   "(a control teacher that knows only a student's labelled images).")
+@click.option("--subset-seed", default=0, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumes when it exists).")
 @click.option("--width", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Backbone width multiplier.")
@@ -382,9 +391,10 @@ def _float_list(ctx, param, value):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 @click.option("--overwrite", is_flag=True, help="Replace a run at --out made with another configuration.")
-def train_teacher_command(data, split, out, width, head, iters, batch_size, lr, min_size, max_size, anchor_preset,
-                          anchor_sizes, aspect_ratios, rpn_channels, init_from, flip, eval_every, eval_split,
-                          eval_max_images, checkpoint_every, seed, device, workers, overwrite) -> None:
+def train_teacher_command(data, split, subset, subset_seed, out, width, head, iters, batch_size, lr, min_size,
+                          max_size, anchor_preset, anchor_sizes, aspect_ratios, rpn_channels, init_from, flip,
+                          eval_every, eval_split, eval_max_images, checkpoint_every, seed, device, workers,
+                          overwrite) -> None:
     """Train a teacher detector; writes OUT/model.pt (and a resumable OUT/checkpoint.pt)."""
     from pathlib import Path
 
@@ -392,7 +402,8 @@ def train_teacher_command(data, split, out, width, head, iters, batch_size, lr, 
 
     try:
         config = TeacherConfig(
-            data=Path(data), split=split, out=Path(out), width=width, head=head, iters=iters or DEFAULT_ITERS,
+            data=Path(data), split=split, subset=subset, subset_seed=subset_seed, out=Path(out), width=width, head=head,
+            iters=iters or DEFAULT_ITERS,
             batch_size=batch_size, lr=lr or DEFAULT_LR, min_size=min_size, max_size=max_size,
             anchor_preset=anchor_preset, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
             rpn_channels=rpn_channels, init_from=Path(init_from) if init_from else None, flip=flip,

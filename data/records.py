@@ -83,3 +83,16 @@ class Dataset:
 
     def subset(self, indices) -> "Dataset":
         return Dataset(self.name, self.split, self.classes, tuple(self.records[i] for i in indices), self.root)
+
+    def seeded_subset(self, size: int | None, seed: int) -> "Dataset":
+        """``size`` images drawn by ``seed``, kept in split order (``None``: all of them). Students
+        (``--subset``) and control teachers draw through this one rule, so the same seed gives both the
+        same labelled images."""
+        if size is None:
+            return self
+        if not 1 <= size <= len(self):
+            raise ValueError(f"--subset must be in [1, {len(self)}] for {self.name}/{self.split}, got {size}")
+        import torch  # the draw predates this method (torch's generator); kept so old runs pick the same images
+
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+        return self.subset(order.tolist())

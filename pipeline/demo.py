@@ -8,6 +8,11 @@ stands for the well-trained model a user already has); students get a small labe
 - ``limited+pool``: as above, and students also mimic the teacher's records on the pool images whose labels
   they are not given (train-student ``--unlabeled``).
 
+With ``control_teacher`` a second teacher of the same architecture and budget trains on the students' labelled
+images alone, and RoI-mimic students mimic it exactly as they mimic the real teacher. What the real teacher's
+students gain over the control's is transfer of knowledge the labelled images do not hold; what the control's
+students gain over scratch is regularisation (a second, label-free training signal).
+
 Every stage (data, teacher, extraction, each student, each evaluation) writes its result under the run folder
 and is skipped when that result exists, so an interrupted demo resumes where it stopped. Everything a table
 claims is in ``report.json``; paired significance (McNemar over test boxes) compares each student with scratch.
@@ -29,6 +34,8 @@ from student.family import width_label
 
 MODES = ("quick", "default", "study")
 SETTINGS = ("same-data", "limited", "limited+pool")
+CONTROL = "control teacher"
+CONTROL_TEACHER = CONTROL  # the strategy of the control teacher's own row
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,9 @@ class Budget:
     # ("several teachers"), and the RoI-mimic student trained from an int8 store of the first teacher.
     extras: bool = False
     second_teacher_width: float = 0.5
+    # RoI-mimic students (stage 1 and two-stage) of a control teacher: same width and budget as the teacher, trained
+    # on the students' labelled images only; limited settings only (in same-data it would be the teacher itself).
+    control_teacher: bool = False
 
 
 BUDGETS: dict[str, Budget] = {
@@ -122,6 +132,7 @@ class Demo:
         self._timings_path = self.out / "timings.json"
         self.timings: dict[str, float] = (json.loads(self._timings_path.read_text())
                                           if self._timings_path.exists() else {})
+        self._controls: dict[str, dict] = {}  # control teacher name -> its table row
 
     def _stage(self, name: str, done: Path, fn: Callable[[], Any], stale: str | None = None) -> None:
         """Run ``fn`` unless ``done`` exists; ``stale`` (why, and what is done about it) reruns an outdated result."""
@@ -163,14 +174,15 @@ class Demo:
 
     # -- teacher and stores
 
-    def teacher(self, root: Path, split: str, *, name: str = "teacher", width: float | None = None) -> Path:
+    def teacher(self, root: Path, split: str, *, name: str = "teacher", width: float | None = None,
+                subset: int | None = None, subset_seed: int = 0) -> Path:
         from pipeline.teacher import TeacherConfig, train_teacher
 
         b, run = self.b, self.out / name
         width = b.teacher_width if width is None else width
         self._stage(name, run / "model.pt", lambda: train_teacher(TeacherConfig(
-            data=root, split=split, out=run, width=width, iters=b.teacher_iters, batch_size=b.batch_size,
-            lr=b.teacher_lr, min_size=b.min_size, max_size=b.max_size, anchor_sizes=b.anchor_sizes, flip=False,
+            data=root, split=split, subset=subset, subset_seed=subset_seed, out=run, width=width,
+            iters=b.teacher_iters, batch_size=b.batch_size,            lr=b.teacher_lr, min_size=b.min_size, max_size=b.max_size, anchor_sizes=b.anchor_sizes, flip=False,
             device=self.cfg.device, workers=self.cfg.workers, progress=self.cfg.progress)))
         return run / "model.pt"
 
@@ -269,6 +281,7 @@ class Demo:
             for width in b.widths:
                 for seed in b.seeds:
                     rows += self._setting(setting, width, seed, root, parts, stores)
+        rows[1:1] = list(self._controls.values())  # control teachers beside the teacher
         if b.extras:
             rows += self._extras(root, parts, stores)
         report = self.report(rows, root, parts)
@@ -306,7 +319,49 @@ class Demo:
             name2 = "scratch" if strategy == "none" else f"{strategy} + two-stage"
             rows.append(_row(name2, setting, seed, width, 2, ev2)
                         | {"model_path": str(s2), "input_scale": 0.5 if strategy == "scale" else 1.0})
+        if b.control_teacher and setting != "same-data":
+            rows += self._control_students(setting, width, seed, root, parts, store_split=split, labelled=labelled)
         return rows
+
+    def _control_teacher(self, root: Path, parts: dict, seed: int) -> tuple[str, Path]:
+        """The control teacher for ``seed``'s labelled images: one for all seeds when they get every labelled
+        image (the built-in set), else one per seed (a user dataset's seeded subset)."""
+        from data import load_dataset
+
+        b = self.b
+        whole = b.labelled >= len(load_dataset(root, parts["labelled"]))
+        name = "teacher-control" if whole else f"teacher-control-s{seed}"
+        model = self.teacher(root, parts["labelled"], name=name, subset=None if whole else b.labelled,
+                             subset_seed=seed)
+        if name not in self._controls:
+            ev = self.evaluate(name, model, root, detection=True)
+            self._controls[name] = (_row(CONTROL_TEACHER, "-", "-" if whole else seed, b.teacher_width, 2, ev)
+                                    | {"model_path": str(model)})
+        return name, model
+
+    def _control_students(self, setting: str, width: float, seed: int, root: Path, parts: dict, *,
+                          store_split: str, labelled: int | None) -> list[dict]:
+        """RoI mimic (stage 1) and two-stage mimic (stage 2) of the control teacher, trained exactly as the real
+        teacher's RoI-mimic students are; each row names its real-teacher twin for the transfer comparison."""
+        name, model = self._control_teacher(root, parts, seed)
+        tag = name.replace("teacher-", "-")
+        store = self.store(model, root, store_split, tag=tag)
+        unl = self.store(model, root, parts["unlabelled"], tag=tag) if setting == "limited+pool" else None
+        run = f"{setting}-w{_w(width)}-s{seed}-roi-{name.removeprefix('teacher-')}"
+        s1 = self.student(f"{run}-stage1", root=root, store=store, split=store_split, width=width, stage=1,
+                          mimic="roi", seed=seed, labelled=labelled, unlabeled=unl, unlabeled_split=parts["unlabelled"])
+        ev1 = self.evaluate(f"{run}-stage1", s1, root, detection=False)
+        s2 = self.student(f"{run}-stage2", root=root, store=store, split=store_split, width=width, stage=2,
+                          mimic="roi", seed=seed, labelled=labelled, init=s1, unlabeled=unl,
+                          unlabeled_split=parts["unlabelled"])
+        ev2 = self.evaluate(f"{run}-stage2", s2, root, detection=True)
+        return [
+            _row(f"roi ({CONTROL})", setting, seed, width, 1, ev1, run=self.out / "students" / f"{run}-stage1")
+            | {"model_path": str(s1), "input_scale": 1.0, "twin": "roi",
+               "store_mb": sum(_folder_bytes(Path(u)) for u in (store, unl) if u) / 2**20},
+            _row(f"roi + two-stage ({CONTROL})", setting, seed, width, 2, ev2)
+            | {"model_path": str(s2), "input_scale": 1.0, "twin": "roi + two-stage"},
+        ]
 
     def _extras(self, root: Path, parts: dict, stores: dict) -> list[dict]:
         """Stage-1 RoI-mimic students beyond the paper, against the same scratch student: (a) two teachers, the
@@ -353,7 +408,7 @@ class Demo:
         # Paired test over the same test boxes: each student against the scratch student of its group.
         by_key = {(r["setting"], r["width"], r["seed"], r["stage"], r["strategy"]): r for r in rows}
         for r in rows:
-            if r["strategy"] in ("teacher", "none", "scratch"):
+            if r["strategy"] in ("teacher", CONTROL_TEACHER, "none", "scratch"):
                 continue
             base = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], "none" if r["stage"] == 1 else "scratch"))
             if base and r.get("hits") and base.get("hits"):
@@ -361,6 +416,12 @@ class Demo:
             if base and r.get("voc_per_image") and base.get("voc_per_image"):
                 # Detection quality: paired bootstrap over test images of the VOC07 mAP difference.
                 r["vs_scratch_map"] = paired_bootstrap_map(r["voc_per_image"], base["voc_per_image"])
+            # Transfer: the real teacher's mimic student against the control teacher's, same seed and budget.
+            twin = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], r.get("twin")))
+            if twin and r.get("hits") and twin.get("hits"):
+                r["transfer"] = mcnemar(np.array(twin["hits"], bool), np.array(r["hits"], bool))
+            if twin and r.get("voc_per_image") and twin.get("voc_per_image"):
+                r["transfer_map"] = paired_bootstrap_map(twin["voc_per_image"], r["voc_per_image"])
         report = {
             "mode": self.cfg.mode,
             "data": str(root),
@@ -399,7 +460,7 @@ class Demo:
         folder.mkdir(parents=True, exist_ok=True)
         curves = {}
         for r in rows:
-            if r["stage"] == 1 or r["strategy"] == "teacher":
+            if r["stage"] == 1 or r["strategy"] in ("teacher", CONTROL_TEACHER):
                 ev = json.loads((self.out / "eval" / f"{r['eval_name']}.json").read_text())
                 rc = ev.get("recall_curves")
                 if rc:
@@ -415,7 +476,7 @@ class Demo:
             plots.plot_lines(series, folder / "recall_vs_iterations.png", xlabel="iteration",
                              ylabel="recall@0.7 (300 proposals)", title="Stage-1 recall during training")
         points = [(r["label"], r["ms_per_image"], r["mAP"]) for r in rows
-                  if r["stage"] == 2 and r["strategy"] != "teacher" and r.get("mAP") is not None]
+                  if r["stage"] == 2 and r["strategy"] not in ("teacher", CONTROL_TEACHER) and r.get("mAP") is not None]
         t = rows[0]
         if points:
             plots.plot_speed_accuracy(points=points, teacher_point=(t["label"], t["ms_per_image"], t["mAP"]),
@@ -491,8 +552,11 @@ def format_table(report: dict) -> str:
     head = ("model", "setting", "seed", "w", "stage", "R@0.5", "R@0.7", "mAP@0.5", "COCO AP", "params", "GFLOPs", "ms/img",
             "speed-up", "vs scratch (R@0.7, McNemar p)", "vs scratch (mAP, 95% CI, bootstrap p)")
     with_store = any(r.get("store_mb") for r in report["rows"])
+    with_transfer = any("transfer" in r or "transfer_map" in r for r in report["rows"])
     if with_store:
         head = (*head, "store MB")
+    if with_transfer:
+        head = (*head, "teacher's mimic vs control's (R@0.7 McNemar; mAP, 95% CI, p)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         vs = r.get("vs_scratch")
@@ -508,8 +572,20 @@ def format_table(report: dict) -> str:
             f"{r['gflops']:.2f}" if r.get("gflops") else "-",
             f"{r['ms_per_image']:.1f}" if r.get("ms_per_image") else "-",
             f"{r['speedup']:.1f}x" if r.get("speedup") else "-", vs_s, vm_s]
-            + ([f"{r['store_mb']:.1f}" if r.get("store_mb") else "-"] if with_store else [])) + " |")
+            + ([f"{r['store_mb']:.1f}" if r.get("store_mb") else "-"] if with_store else [])
+            + ([_transfer_cell(r)] if with_transfer else [])) + " |")
     return "\n".join(lines)
+
+
+def _transfer_cell(r: dict) -> str:
+    """The real teacher's mimic student minus the control teacher's: b = boxes only the real teacher's recalls."""
+    parts = []
+    if vs := r.get("transfer"):
+        parts.append(f"b={vs['b']} c={vs['c']} p={vs['p_value']:.2g}")
+    if vm := r.get("transfer_map"):
+        parts.append(f"{100 * vm['mean_diff']:+.1f} [{100 * vm['ci_low']:+.1f}, {100 * vm['ci_high']:+.1f}] "
+                     f"p={vm['p_value']:.2g}")
+    return "; ".join(parts) or "-"
 
 
 def _environment() -> dict[str, str]:

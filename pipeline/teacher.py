@@ -62,6 +62,10 @@ class TeacherConfig:
     data: Path
     out: Path
     split: str = "train"
+    # Train on ``subset`` images of the split drawn by ``subset_seed`` (the students' ``--subset`` rule): a
+    # control teacher that knows only what a student's labelled images hold.
+    subset: int | None = None
+    subset_seed: int = 0
     width: float = 1.0
     head: str = "fast-rcnn"
     iters: int = DEFAULT_ITERS
@@ -94,6 +98,8 @@ class TeacherConfig:
             raise ValueError(f"anchor_preset must be one of {sorted(ANCHOR_PRESETS)}, got {self.anchor_preset!r}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset must be >= 1 or None, got {self.subset}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.eval_max_images is not None and self.eval_max_images < 1:
@@ -189,7 +195,7 @@ def _datasets(config: TeacherConfig) -> tuple[Dataset, Dataset | None]:
     """The labelled training split, and the held-out split when periodic evaluation is on."""
     from data import load_dataset
 
-    train_set = labelled_only(load_dataset(config.data, config.split))
+    train_set = labelled_only(load_dataset(config.data, config.split).seeded_subset(config.subset, config.subset_seed))
     if config.eval_every == 0:
         return train_set, None
     eval_set = labelled_only(load_dataset(config.data, config.eval_split, classes=train_set.classes))

@@ -311,16 +311,6 @@ def region_indices(proposals: Tensor, num: int, generator: torch.Generator) -> T
     return pool[pick.to(pool.device)]
 
 
-def _labelled_subset(dataset: Dataset, cfg: StudentConfig) -> Dataset:
-    if cfg.subset is None:
-        return dataset
-    if not 1 <= cfg.subset <= len(dataset):
-        raise ValueError(f"--subset must be in [1, {len(dataset)}] for {dataset.name}/{dataset.split}, got {cfg.subset}")
-    g = torch.Generator().manual_seed(cfg.subset_seed)
-    order = torch.randperm(len(dataset), generator=g)[: cfg.subset].sort().values.tolist()
-    return dataset.subset(order)
-
-
 def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
     config = DetectorConfig(
         num_classes=len(classes) + 1,
@@ -405,7 +395,8 @@ def run_train_student(cfg: StudentConfig) -> dict:
     full = load_dataset(cfg.data, cfg.split, classes=list(classes) or None)
     store = open_source(primary, full, storage_options=cfg.storage_options)
     dataset, skipped = check_source(
-        store, _labelled_subset(full, cfg), skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
+        store, full.seeded_subset(cfg.subset, cfg.subset_seed), skip_corrupt=cfg.skip_corrupt,
+        storage_options=cfg.storage_options
     )
     more_stores = []
     for url in cfg.stores[1:]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -14,7 +15,8 @@ from student.train import DEFAULT_LOGITS_WEIGHT
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--quick", "--extras", "--strategies", "none,roi,map,scale", "--out", str(out), "--workers", "0"]
+    args = ["demo", "--quick", "--extras", "--control-teacher", "--strategies", "none,roi,map,scale", "--out", str(out),
+            "--workers", "0"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
@@ -22,7 +24,10 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     rows = {(row["strategy"], row["stage"]) for row in report["rows"]}
     assert rows == {("teacher", 2), ("none", 1), ("scratch", 2), ("roi", 1), ("roi + two-stage", 2),
                     ("map", 1), ("map + two-stage", 2), ("scale", 1), ("scale + two-stage", 2),
-                    ("roi, 2 teachers", 1), ("roi, int8 store", 1)}
+                    ("roi, 2 teachers", 1), ("roi, int8 store", 1), ("control teacher", 2),
+                    ("roi (control teacher)", 1), ("roi + two-stage (control teacher)", 2)}
+    assert_control_teacher(out, report)
+    assert "teacher's mimic vs control's" in r.output
     # Scale mimic: the student sees the half-size image; every mimic row is paired with scratch (McNemar).
     assert all(row["input_scale"] == 0.5 for row in report["rows"] if row["strategy"].startswith("scale"))
     assert all("vs_scratch" in row for row in report["rows"] if row["strategy"] in ("roi", "map", "scale"))
@@ -90,6 +95,29 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert len(retrained) == 1 and stale.stem in retrained[0], r.output
     assert (run2.with_name(f"{run2.name}.logits-w1") / "eval.json").exists() and (old / "model.pt").exists()
     assert json.loads(config_path.read_text())["logits_weight"] == DEFAULT_LOGITS_WEIGHT and stale.exists()
+
+
+def assert_control_teacher(out, report: dict) -> None:
+    """The quick budget gives students 16 of the 24 labelled images, so the control teacher is seed 0's: it trained
+    on exactly those 16, and its students' rows carry the paired comparison with the real teacher's students."""
+    from data import load_dataset
+
+    recorded = json.loads((out / "teacher-control-s0" / "run.json").read_text())["dataset"]
+    labelled = load_dataset(out / "data", "train").seeded_subset(16, 0)
+    assert recorded["num_images"] == 16 and recorded["digest"] == labelled.digest()
+    rows = {row["strategy"]: row for row in report["rows"]}
+    assert [row["strategy"] for row in report["rows"][:2]] == ["teacher", "control teacher"]
+    two_stage = rows["roi + two-stage (control teacher)"]
+    assert "vs_scratch" in rows["roi (control teacher)"] and "vs_scratch_map" in two_stage
+    # b: test boxes (IoU 0.7, top 300) only the real teacher's student recalls; c: only the control teacher's.
+    for stage, twin, control in ((1, "roi", "roi (control teacher)"),
+                                 (2, "roi + two-stage", "roi + two-stage (control teacher)")):
+        hits = {name: np.array(json.loads((out / "eval" / f"{rows[name]['eval_name']}.json").read_text())
+                               ["recall"]["hits"]["top300_iou0.7"], bool) for name in (twin, control)}
+        transfer = rows[control]["transfer"]
+        assert (transfer["b"], transfer["c"]) == (int((hits[twin] & ~hits[control]).sum()),
+                                                  int((hits[control] & ~hits[twin]).sum()))
+    assert two_stage["transfer_map"]["mean_diff"] == pytest.approx(rows["roi + two-stage"]["mAP"] - two_stage["mAP"])
 
 
 def row_map_diff(report: dict, strategy: str) -> float:

@@ -195,6 +195,28 @@ def test_bad_options_give_one_line_errors(tiny_voc, tmp_path):
     assert r.exit_code == 1 and "not a readable detector checkpoint" in r.output
 
 
+def test_subset_trains_on_the_images_a_student_subset_draws(tiny_voc, tmp_path):
+    """A control teacher (--subset N --subset-seed S) learns from exactly the N images train-student's --subset
+    gives a student of seed S, and no others."""
+    from data import load_dataset
+
+    train = load_dataset(tiny_voc, "train")
+    picks = {seed: train.seeded_subset(2, seed) for seed in range(6)}
+    seed = next(s for s in picks if [r.image_id for r in picks[s].records] != [r.image_id for r in picks[0].records])
+    for s in (0, seed):
+        run = tmp_path / f"run{s}"
+        r = CliRunner().invoke(main, ["train-teacher", "--data", str(tiny_voc), "--out", str(run), "--iters", "1",
+                                      "--subset", "2", "--subset-seed", str(s), *TINY_TRAIN])
+        assert r.exit_code == 0, r.output
+        recorded = json.loads((run / "run.json").read_text())["dataset"]
+        assert recorded["num_images"] == 2 and recorded["digest"] == picks[s].digest() != train.digest()
+        assert load_detector(run / "model.pt")[1]["dataset"]["digest"] == picks[s].digest()
+    r = CliRunner().invoke(main, ["train-teacher", "--data", str(tiny_voc), "--out", str(tmp_path / "big"),
+                                  "--iters", "1", "--subset", "5", *TINY_TRAIN])
+    assert r.exit_code == 1 and "--subset must be in [1, 4]" in r.output and "voc/train" in r.output, r.output
+    assert not (tmp_path / "big" / "model.pt").exists()
+
+
 @pytest.mark.slow
 def test_raccoon_real_jpegs_train_and_evaluate(tmp_path):
     run = tmp_path / "run"
