@@ -34,8 +34,7 @@ from student.family import width_label
 
 MODES = ("quick", "default", "study")
 SETTINGS = ("same-data", "limited", "limited+pool")
-CONTROL = "control teacher"
-CONTROL_TEACHER = CONTROL  # the strategy of the control teacher's own row
+CONTROL = "control teacher"  # the control teacher's own row; its students' rows say "(control teacher)"
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,8 @@ class Demo:
         width = b.teacher_width if width is None else width
         self._stage(name, run / "model.pt", lambda: train_teacher(TeacherConfig(
             data=root, split=split, subset=subset, subset_seed=subset_seed, out=run, width=width,
-            iters=b.teacher_iters, batch_size=b.batch_size,            lr=b.teacher_lr, min_size=b.min_size, max_size=b.max_size, anchor_sizes=b.anchor_sizes, flip=False,
+            iters=b.teacher_iters, batch_size=b.batch_size, lr=b.teacher_lr, min_size=b.min_size,
+            max_size=b.max_size, anchor_sizes=b.anchor_sizes, flip=False,
             device=self.cfg.device, workers=self.cfg.workers, progress=self.cfg.progress)))
         return run / "model.pt"
 
@@ -335,7 +335,7 @@ class Demo:
                              subset_seed=seed)
         if name not in self._controls:
             ev = self.evaluate(name, model, root, detection=True)
-            self._controls[name] = (_row(CONTROL_TEACHER, "-", "-" if whole else seed, b.teacher_width, 2, ev)
+            self._controls[name] = (_row(CONTROL, "-", "-" if whole else seed, b.teacher_width, 2, ev)
                                     | {"model_path": str(model)})
         return name, model
 
@@ -408,7 +408,7 @@ class Demo:
         # Paired test over the same test boxes: each student against the scratch student of its group.
         by_key = {(r["setting"], r["width"], r["seed"], r["stage"], r["strategy"]): r for r in rows}
         for r in rows:
-            if r["strategy"] in ("teacher", CONTROL_TEACHER, "none", "scratch"):
+            if r["strategy"] in ("teacher", CONTROL, "none", "scratch"):
                 continue
             base = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], "none" if r["stage"] == 1 else "scratch"))
             if base and r.get("hits") and base.get("hits"):
@@ -460,7 +460,7 @@ class Demo:
         folder.mkdir(parents=True, exist_ok=True)
         curves = {}
         for r in rows:
-            if r["stage"] == 1 or r["strategy"] in ("teacher", CONTROL_TEACHER):
+            if r["stage"] == 1 or r["strategy"] in ("teacher", CONTROL):
                 ev = json.loads((self.out / "eval" / f"{r['eval_name']}.json").read_text())
                 rc = ev.get("recall_curves")
                 if rc:
@@ -476,7 +476,7 @@ class Demo:
             plots.plot_lines(series, folder / "recall_vs_iterations.png", xlabel="iteration",
                              ylabel="recall@0.7 (300 proposals)", title="Stage-1 recall during training")
         points = [(r["label"], r["ms_per_image"], r["mAP"]) for r in rows
-                  if r["stage"] == 2 and r["strategy"] not in ("teacher", CONTROL_TEACHER) and r.get("mAP") is not None]
+                  if r["stage"] == 2 and r["strategy"] not in ("teacher", CONTROL) and r.get("mAP") is not None]
         t = rows[0]
         if points:
             plots.plot_speed_accuracy(points=points, teacher_point=(t["label"], t["ms_per_image"], t["mAP"]),
