@@ -152,8 +152,9 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Student widths, e.g. 1/4,1/2 (default: 1/4; the study: 1/4,1/2).")
 @click.option("--settings", default=None, callback=_subset_of(("same-data", "limited", "limited+pool")),
               help="Settings to run, in this order (default: limited+pool; the study: same-data,limited,limited+pool).")
-@click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale")),
-              help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale).")
+@click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant")),
+              help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale). "
+                   "assistant: RoI mimic of a w=1/2 teacher trained like the teacher (a teacher assistant).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, control_teacher, seeds,

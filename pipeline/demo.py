@@ -35,6 +35,10 @@ from student.family import width_label
 MODES = ("quick", "default", "study")
 SETTINGS = ("same-data", "limited", "limited+pool")
 CONTROL = "control teacher"  # the control teacher's own row; its students' rows say "(control teacher)"
+# Strategy "assistant": RoI mimic of a narrower teacher (``Budget.second_teacher_width``) trained like the teacher, a
+# "teacher assistant" (Mirzadeh et al., AAAI 2020) that closes part of the width gap between teacher and student.
+ASSISTANT = "assistant teacher"
+_RUN_TAGS = {"assistant": "roi-teacher2"}  # run-folder names say what the student mimicked
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class Demo:
         self._timings_path = self.out / "timings.json"
         self.timings: dict[str, float] = (json.loads(self._timings_path.read_text())
                                           if self._timings_path.exists() else {})
-        self._controls: dict[str, dict] = {}  # control teacher name -> its table row
+        self._extra_teachers: dict[str, dict] = {}  # control / assistant teacher name -> its table row
 
     def _stage(self, name: str, done: Path, fn: Callable[[], Any], stale: str | None = None) -> None:
         """Run ``fn`` unless ``done`` exists; ``stale`` (why, and what is done about it) reruns an outdated result."""
@@ -281,7 +285,7 @@ class Demo:
             for width in b.widths:
                 for seed in b.seeds:
                     rows += self._setting(setting, width, seed, root, parts, stores)
-        rows[1:1] = list(self._controls.values())  # control teachers beside the teacher
+        rows[1:1] = list(self._extra_teachers.values())  # control and assistant teachers beside the teacher
         if b.extras:
             rows += self._extras(root, parts, stores)
         report = self.report(rows, root, parts)
@@ -297,10 +301,14 @@ class Demo:
         else:
             store = stores[parts["labelled"]]
         unl = stores[parts["unlabelled"]] if setting == "limited+pool" else None
+        own_store, own_unl = store, unl
         rows = []
         for strategy in b.strategies:
-            tag = f"{setting}-w{_w(width)}-s{seed}-{strategy}"
-            mimic = {"none": "none", "roi": "roi", "map": "map", "scale": "roi"}[strategy]
+            tag = f"{setting}-w{_w(width)}-s{seed}-{_RUN_TAGS.get(strategy, strategy)}"
+            mimic = {"none": "none", "roi": "roi", "map": "map", "scale": "roi", "assistant": "roi"}[strategy]
+            store, unl = own_store, own_unl
+            if strategy == "assistant":
+                store, unl = self._assistant_stores(root, parts, split, pool=unl is not None)
             s1 = self.student(f"{tag}-stage1", root=root, store=store, split=split, width=width, stage=1,
                               mimic=mimic, seed=seed, labelled=labelled, unlabeled=unl if mimic != "none" else None,
                               unlabeled_split=parts["unlabelled"], scale=strategy == "scale")
@@ -323,6 +331,18 @@ class Demo:
             rows += self._control_students(setting, width, seed, root, parts, store_split=split, labelled=labelled)
         return rows
 
+    def _assistant_stores(self, root: Path, parts: dict, split: str, *, pool: bool) -> tuple[str, str | None]:
+        """The teacher assistant's stores: a ``second_teacher_width`` teacher (the one ``extras`` trains: same data
+        and budget as the teacher), extracted on the students' images and, with the pool, on the pool."""
+        b = self.b
+        model = self.teacher(root, parts["teacher"], name="teacher2", width=b.second_teacher_width)
+        if "teacher2" not in self._extra_teachers:
+            ev = self.evaluate("teacher2", model, root, detection=True)
+            self._extra_teachers["teacher2"] = (_row(ASSISTANT, "-", "-", b.second_teacher_width, 2, ev)
+                                                | {"model_path": str(model)})
+        store = self.store(model, root, split, tag="-teacher2")
+        return store, self.store(model, root, parts["unlabelled"], tag="-teacher2") if pool else None
+
     def _control_teacher(self, root: Path, parts: dict, seed: int) -> tuple[str, Path]:
         """The control teacher for ``seed``'s labelled images: one for all seeds when they get every labelled
         image (the built-in set), else one per seed (a user dataset's seeded subset)."""
@@ -333,9 +353,9 @@ class Demo:
         name = "teacher-control" if whole else f"teacher-control-s{seed}"
         model = self.teacher(root, parts["labelled"], name=name, subset=None if whole else b.labelled,
                              subset_seed=seed)
-        if name not in self._controls:
+        if name not in self._extra_teachers:
             ev = self.evaluate(name, model, root, detection=True)
-            self._controls[name] = (_row(CONTROL, "-", "-" if whole else seed, b.teacher_width, 2, ev)
+            self._extra_teachers[name] = (_row(CONTROL, "-", "-" if whole else seed, b.teacher_width, 2, ev)
                                     | {"model_path": str(model)})
         return name, model
 
@@ -408,7 +428,7 @@ class Demo:
         # Paired test over the same test boxes: each student against the scratch student of its group.
         by_key = {(r["setting"], r["width"], r["seed"], r["stage"], r["strategy"]): r for r in rows}
         for r in rows:
-            if r["strategy"] in ("teacher", CONTROL, "none", "scratch"):
+            if r["strategy"] in ("teacher", CONTROL, ASSISTANT, "none", "scratch"):
                 continue
             base = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], "none" if r["stage"] == 1 else "scratch"))
             if base and r.get("hits") and base.get("hits"):
@@ -460,7 +480,7 @@ class Demo:
         folder.mkdir(parents=True, exist_ok=True)
         curves = {}
         for r in rows:
-            if r["stage"] == 1 or r["strategy"] in ("teacher", CONTROL):
+            if r["stage"] == 1 or r["strategy"] in ("teacher", CONTROL, ASSISTANT):
                 ev = json.loads((self.out / "eval" / f"{r['eval_name']}.json").read_text())
                 rc = ev.get("recall_curves")
                 if rc:
@@ -475,8 +495,9 @@ class Demo:
         if series:
             plots.plot_lines(series, folder / "recall_vs_iterations.png", xlabel="iteration",
                              ylabel="recall@0.7 (300 proposals)", title="Stage-1 recall during training")
+        teachers = ("teacher", CONTROL, ASSISTANT)
         points = [(r["label"], r["ms_per_image"], r["mAP"]) for r in rows
-                  if r["stage"] == 2 and r["strategy"] not in ("teacher", CONTROL) and r.get("mAP") is not None]
+                  if r["stage"] == 2 and r["strategy"] not in teachers and r.get("mAP") is not None]
         t = rows[0]
         if points:
             plots.plot_speed_accuracy(points=points, teacher_point=(t["label"], t["ms_per_image"], t["mAP"]),

@@ -15,7 +15,7 @@ from student.train import DEFAULT_LOGITS_WEIGHT
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--quick", "--extras", "--control-teacher", "--strategies", "none,roi,map,scale", "--out", str(out),
+    args = ["demo", "--quick", "--extras", "--control-teacher", "--strategies", "none,roi,map,scale,assistant", "--out", str(out),
             "--workers", "0"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -25,12 +25,20 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert rows == {("teacher", 2), ("none", 1), ("scratch", 2), ("roi", 1), ("roi + two-stage", 2),
                     ("map", 1), ("map + two-stage", 2), ("scale", 1), ("scale + two-stage", 2),
                     ("roi, 2 teachers", 1), ("roi, int8 store", 1), ("control teacher", 2),
-                    ("roi (control teacher)", 1), ("roi + two-stage (control teacher)", 2)}
+                    ("roi (control teacher)", 1), ("roi + two-stage (control teacher)", 2),
+                    ("assistant teacher", 2), ("assistant", 1), ("assistant + two-stage", 2)}
     assert_control_teacher(out, report)
     assert "teacher's mimic vs control's" in r.output
     # Scale mimic: the student sees the half-size image; every mimic row is paired with scratch (McNemar).
     assert all(row["input_scale"] == 0.5 for row in report["rows"] if row["strategy"].startswith("scale"))
-    assert all("vs_scratch" in row for row in report["rows"] if row["strategy"] in ("roi", "map", "scale"))
+    assert all("vs_scratch" in row for row in report["rows"] if row["strategy"] in ("roi", "map", "scale", "assistant"))
+    # The teacher assistant is the narrower teacher the extras train; its students mimic its stores, not the teacher's.
+    teachers = {row["strategy"]: row for row in report["rows"] if row["stage"] == 2}
+    assistant = teachers["assistant teacher"]
+    assert assistant["width"] == 0.125 and assistant["params"] < teachers["teacher"]["params"]
+    run = next((out / "students").glob("*-roi-teacher2-stage1"))
+    assistant_run = json.loads((run / "student_config.json").read_text())
+    assert assistant_run["store"].endswith("train-teacher2") and assistant_run["unlabeled"].endswith("pool-teacher2")
     # Every two-stage row carries the paired image bootstrap of its mAP against the scratch detector.
     for row in report["rows"]:
         if row["stage"] == 2 and row["strategy"].endswith("two-stage"):
@@ -106,7 +114,7 @@ def assert_control_teacher(out, report: dict) -> None:
     labelled = load_dataset(out / "data", "train").seeded_subset(16, 0)
     assert recorded["num_images"] == 16 and recorded["digest"] == labelled.digest()
     rows = {row["strategy"]: row for row in report["rows"]}
-    assert [row["strategy"] for row in report["rows"][:2]] == ["teacher", "control teacher"]
+    assert [row["strategy"] for row in report["rows"][:3]] == ["teacher", "assistant teacher", "control teacher"]
     two_stage = rows["roi + two-stage (control teacher)"]
     assert "vs_scratch" in rows["roi (control teacher)"] and "vs_scratch_map" in two_stage
     # b: test boxes (IoU 0.7, top 300) only the real teacher's student recalls; c: only the control teacher's.
