@@ -176,6 +176,9 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
         raise click.BadParameter("--pool sizes the built-in dataset; a --data folder brings its own splits",
                                  param_hint="--pool")
     budget = budget_for(mode or "default", real_data=data is not None)
+    if control_teacher and (settings or budget.settings) == ("same-data",):
+        raise click.BadParameter("a control teacher needs a limited-label setting (limited or limited+pool): in "
+                                 "same-data it would be the teacher itself", param_hint="--control-teacher")
     overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes,
                  "seeds": seeds, "extras": extras, "control_teacher": control_teacher, "widths": widths,
                  "settings": settings, "strategies": strategies}

@@ -148,3 +148,10 @@ def test_demo_pool_is_refused_with_a_user_dataset(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--data", str(data), "--pool", "500", "--out", str(tmp_path / "demo")])
     assert r.exit_code == 2 and "--pool" in r.output, r.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_control_teacher_is_refused_without_a_limited_setting(tmp_path):
+    r = CliRunner().invoke(main, ["demo", "--quick", "--control-teacher", "--settings", "same-data",
+                                  "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 2 and "--control-teacher" in r.output and "same-data" in r.output, r.output
+    assert not (tmp_path / "demo").exists()
