@@ -39,6 +39,7 @@ CONTROL = "control teacher"  # the control teacher's own row; its students' rows
 # "teacher assistant" (Mirzadeh et al., AAAI 2020) that closes part of the width gap between teacher and student.
 ASSISTANT = "assistant teacher"
 _RUN_TAGS = {"assistant": "roi-teacher2"}  # run-folder names say what the student mimicked
+TEACHER_ROWS = ("teacher", CONTROL, ASSISTANT)  # rows of teachers, not students
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Demo:
         self.timings: dict[str, float] = (json.loads(self._timings_path.read_text())
                                           if self._timings_path.exists() else {})
         self._extra_teachers: dict[str, dict] = {}  # control / assistant teacher name -> its table row
+        self._labelled_count: int | None = None  # images in the labelled split, read once
 
     def _stage(self, name: str, done: Path, fn: Callable[[], Any], stale: str | None = None) -> None:
         """Run ``fn`` unless ``done`` exists; ``stale`` (why, and what is done about it) reruns an outdated result."""
@@ -335,11 +337,8 @@ class Demo:
         """The teacher assistant's stores: a ``second_teacher_width`` teacher (the one ``extras`` trains: same data
         and budget as the teacher), extracted on the students' images and, with the pool, on the pool."""
         b = self.b
-        model = self.teacher(root, parts["teacher"], name="teacher2", width=b.second_teacher_width)
-        if "teacher2" not in self._extra_teachers:
-            ev = self.evaluate("teacher2", model, root, detection=True)
-            self._extra_teachers["teacher2"] = (_row(ASSISTANT, "-", "-", b.second_teacher_width, 2, ev)
-                                                | {"model_path": str(model)})
+        model = self.second_teacher(root, parts)
+        self._teacher_row("teacher2", model, root, ASSISTANT, b.second_teacher_width, "-")
         store = self.store(model, root, split, tag="-teacher2")
         return store, self.store(model, root, parts["unlabelled"], tag="-teacher2") if pool else None
 
@@ -349,15 +348,25 @@ class Demo:
         from data import load_dataset
 
         b = self.b
-        whole = b.labelled >= len(load_dataset(root, parts["labelled"]))
+        if self._labelled_count is None:
+            self._labelled_count = len(load_dataset(root, parts["labelled"]))
+        whole = b.labelled >= self._labelled_count
         name = "teacher-control" if whole else f"teacher-control-s{seed}"
         model = self.teacher(root, parts["labelled"], name=name, subset=None if whole else b.labelled,
                              subset_seed=seed)
+        self._teacher_row(name, model, root, CONTROL, b.teacher_width, "-" if whole else seed)
+        return name, model
+
+    def second_teacher(self, root: Path, parts: dict) -> Path:
+        """The ``second_teacher_width`` teacher, trained like the teacher: the extras' second teacher and the
+        teacher assistant are this one model."""
+        return self.teacher(root, parts["teacher"], name="teacher2", width=self.b.second_teacher_width)
+
+    def _teacher_row(self, name: str, model: Path, root: Path, strategy: str, width: float, seed) -> None:
+        """Scores a control or assistant teacher once per run and keeps its table row."""
         if name not in self._extra_teachers:
             ev = self.evaluate(name, model, root, detection=True)
-            self._extra_teachers[name] = (_row(CONTROL, "-", "-" if whole else seed, b.teacher_width, 2, ev)
-                                    | {"model_path": str(model)})
-        return name, model
+            self._extra_teachers[name] = _row(strategy, "-", seed, width, 2, ev) | {"model_path": str(model)}
 
     def _control_students(self, setting: str, width: float, seed: int, root: Path, parts: dict, *,
                           store_split: str, labelled: int | None) -> list[dict]:
@@ -393,7 +402,7 @@ class Demo:
         split = parts["teacher"] if setting == "same-data" else parts["labelled"]
         pool = setting == "limited+pool"
         splits = [split] + ([parts["unlabelled"]] if pool and parts["unlabelled"] != split else [])
-        second = self.teacher(root, parts["teacher"], name="teacher2", width=b.second_teacher_width)
+        second = self.second_teacher(root, parts)
         second_stores = {s: self.store(second, root, s, tag="-teacher2") for s in splits}
         teacher = self.out / "teacher" / "model.pt"
         int8_stores = {s: self.store(teacher, root, s, tag="-int8", dtype="int8") for s in splits}
@@ -428,7 +437,7 @@ class Demo:
         # Paired test over the same test boxes: each student against the scratch student of its group.
         by_key = {(r["setting"], r["width"], r["seed"], r["stage"], r["strategy"]): r for r in rows}
         for r in rows:
-            if r["strategy"] in ("teacher", CONTROL, ASSISTANT, "none", "scratch"):
+            if r["strategy"] in (*TEACHER_ROWS, "none", "scratch"):
                 continue
             base = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], "none" if r["stage"] == 1 else "scratch"))
             if base and r.get("hits") and base.get("hits"):
@@ -480,7 +489,7 @@ class Demo:
         folder.mkdir(parents=True, exist_ok=True)
         curves = {}
         for r in rows:
-            if r["stage"] == 1 or r["strategy"] in ("teacher", CONTROL, ASSISTANT):
+            if r["stage"] == 1 or r["strategy"] in TEACHER_ROWS:
                 ev = json.loads((self.out / "eval" / f"{r['eval_name']}.json").read_text())
                 rc = ev.get("recall_curves")
                 if rc:
@@ -495,9 +504,8 @@ class Demo:
         if series:
             plots.plot_lines(series, folder / "recall_vs_iterations.png", xlabel="iteration",
                              ylabel="recall@0.7 (300 proposals)", title="Stage-1 recall during training")
-        teachers = ("teacher", CONTROL, ASSISTANT)
         points = [(r["label"], r["ms_per_image"], r["mAP"]) for r in rows
-                  if r["stage"] == 2 and r["strategy"] not in teachers and r.get("mAP") is not None]
+                  if r["stage"] == 2 and r["strategy"] not in TEACHER_ROWS and r.get("mAP") is not None]
         t = rows[0]
         if points:
             plots.plot_speed_accuracy(points=points, teacher_point=(t["label"], t["ms_per_image"], t["mAP"]),
