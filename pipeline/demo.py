@@ -40,6 +40,8 @@ CONTROL = "control teacher"  # the control teacher's own row; its students' rows
 ASSISTANT = "assistant teacher"
 _RUN_TAGS = {"assistant": "roi-teacher2"}  # run-folder names say what the student mimicked
 TEACHER_ROWS = ("teacher", CONTROL, ASSISTANT)  # rows of teachers, not students
+# Budget fields that only add rows: a run folder may be rerun with more of them (everything else must match).
+_GROWABLE = ("seeds", "widths", "settings", "strategies", "extras", "control_teacher")
 
 
 @dataclass(frozen=True)
@@ -274,8 +276,31 @@ class Demo:
 
     # -- the whole run
 
+    def claim_budget(self) -> None:
+        """Refuse a run folder whose finished stages were made with another budget (they would be skipped as done
+        and reported under this one); record the budget in a new folder. What to run (seeds, widths, settings,
+        strategies, extras, control teacher) may grow between runs; sizes, iterations and learning rates may not."""
+        path = self.out / "budget.json"
+        mine = {k: v for k, v in json.loads(json.dumps(asdict(self.b))).items() if k not in _GROWABLE}
+        if path.exists():
+            theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _GROWABLE}
+        else:
+            # A folder from before budget.json: its teacher's run.json still says how long it trained.
+            theirs = {}
+            run_json = self.out / "teacher" / "run.json"
+            if run_json.exists():
+                train = json.loads(run_json.read_text())["train"]
+                theirs = {"teacher_iters": train["iters"], "teacher_lr": train["optim"]["lr"]}
+        diffs = [f"{k}: {theirs[k]!r} there, {mine[k]!r} asked" for k in sorted(theirs) if theirs[k] != mine.get(k)]
+        if diffs:
+            raise ValueError(f"{self.out} holds a demo run made with another budget ({'; '.join(diffs)}); its "
+                             "finished stages would be reported under the new one. Choose another --out, or pass "
+                             "the options that made it")
+        _write_json(path, asdict(self.b))
+
     def run(self) -> dict:
         b = self.b
+        self.claim_budget()
         root = self.data_root()
         parts = self.splits(root)
         teacher = self.teacher(root, parts["teacher"])
@@ -622,13 +647,31 @@ def _environment() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "machine": platform.machine()}
+    import torch
+
+    # The CPU matters too: the same packages on another CPU model (AVX-512 against AMX kernels) or thread count
+    # train to different weights, so a run is repeatable to the digit only where all of these match.
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model(),
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": str(torch.get_num_threads())}
     for name in ("torch", "torchvision", "numpy", "pillow", "scikit-image", "mlxtend", "zarr", "numcodecs"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "missing"
     return out
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _folder_bytes(folder: Path) -> int:

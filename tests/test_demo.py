@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from cli import main
+from pipeline.demo import BUDGETS, Demo, DemoConfig
 from student.train import DEFAULT_LOGITS_WEIGHT
 
 
@@ -20,7 +22,11 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
-    assert report["environment"]["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
+    env = report["environment"]
+    assert env["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
+    # What else decides the numbers: the CPU model, its kernels and the thread count
+    assert env["torch_cpu_capability"] == __import__("torch").backends.cpu.get_cpu_capability()
+    assert int(env["torch_threads"]) == __import__("torch").get_num_threads() and env["cpu"]
     rows = {(row["strategy"], row["stage"]) for row in report["rows"]}
     assert rows == {("teacher", 2), ("none", 1), ("scratch", 2), ("roi", 1), ("roi + two-stage", 2),
                     ("map", 1), ("map + two-stage", 2), ("scale", 1), ("scale + two-stage", 2),
@@ -64,6 +70,12 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert json.loads((out / "report.json").read_text())["timings_s"] == timings
     demo_lines = [line for line in r.output.splitlines() if line.startswith("[demo]")]
     assert len(demo_lines) >= 10 and all("done earlier" in line for line in demo_lines), demo_lines
+    # Another budget against this folder is refused before anything runs: its finished stages would be skipped as
+    # done and reported under the new budget.
+    budget_file = (out / "budget.json").read_text()
+    r = CliRunner().invoke(main, [*args, "--teacher-iters", "21"])
+    assert r.exit_code == 1 and "teacher_iters: 20 there, 21 asked" in r.output and str(out) in r.output, r.output
+    assert "[demo]" not in r.output and (out / "budget.json").read_text() == budget_file
     # A detection score from before the per-image record is scored again, so its row regains the mAP bootstrap.
     stale = next((out / "eval").glob("*roi-stage2.json"))
     scored = json.loads(stale.read_text())
@@ -155,3 +167,17 @@ def test_demo_control_teacher_is_refused_without_a_limited_setting(tmp_path):
                                   "--out", str(tmp_path / "demo")])
     assert r.exit_code == 2 and "--control-teacher" in r.output and "same-data" in r.output, r.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_a_folder_whose_teacher_trained_with_another_budget(tmp_path):
+    """A run folder from before budget.json: its teacher's run.json says how long it trained."""
+    out = tmp_path / "demo"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "run.json").write_text(json.dumps({"train": {"iters": 400, "optim": {"lr": 0.04}}}))
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 1 and "teacher_iters: 400 there, 20 asked" in r.output, r.output
+    assert not (out / "budget.json").exists() and not (out / "data").exists()
+    # The budget that made it is accepted, and recorded for later runs.
+    demo = Demo(DemoConfig(out=out, mode="quick", budget=replace(BUDGETS["quick"], teacher_iters=400, teacher_lr=0.04)))
+    demo.claim_budget()
+    assert json.loads((out / "budget.json").read_text())["teacher_iters"] == 400
