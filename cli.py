@@ -128,7 +128,7 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
 @click.option("--study", "mode", flag_value="study",
               help="Full study: three settings, scratch/RoI/map/scale mimic, widths 1/4 and 1/2, two seeds (hours).")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run folder; every stage resumes from what is already there.")
+              help="Run folder; every stage resumes from what is already there (a folder made with another budget is refused).")
 @click.option("--labelled", type=click.IntRange(min=1), default=None,
               help="Labelled images the students get (default: the mode's budget, 150; 40 with --data).")
 @click.option("--pool", type=click.IntRange(min=1), default=None,
