@@ -11,25 +11,71 @@ import click
 from data.errors import DataError, StoreError
 
 
+DEBUG_ENV = "MIMICDET_DEBUG"  # set (or pass --verbose) to see the traceback of a handled error
+
+
+def _is_remote_storage_error(e: BaseException) -> bool:
+    """botocore/aiobotocore errors (no credentials, endpoint down, throttling) without importing them."""
+    return any(c.__module__.split(".")[0] in ("botocore", "aiobotocore") for c in type(e).__mro__)
+
+
+def error_message(e: BaseException) -> str:
+    """One line for an error in the user's input, paths or environment: the thing it concerns and the cause."""
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, FileExistsError)) and e.filename:
+        hint = "; check its permissions" if isinstance(e, PermissionError) else ""
+        return f"{e.filename}: {e.strerror or type(e).__name__}{hint}"
+    if _is_remote_storage_error(e):
+        return f"remote storage: {type(e).__name__}: {' '.join(str(e).split())}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
 class _Group(click.Group):
-    """Turns the errors raised for bad input or configuration into one-line messages (exit code 1, no traceback)."""
+    """Turns the errors raised for bad input, paths or environment into one-line messages (exit code 1, no
+    traceback); Ctrl-C ends with exit code 130 and the command that resumes. ``--verbose`` or MIMICDET_DEBUG=1
+    keeps the traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (DataError, StoreError, FileNotFoundError, FileExistsError, ValueError) as e:
-            # Configuration and input errors carry a message meant for the user; MIMICDET_DEBUG=1 keeps the traceback.
-            if os.environ.get("MIMICDET_DEBUG"):
+        except (DataError, StoreError, ValueError, OSError) as e:
+            if os.environ.get(DEBUG_ENV):
                 raise
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(error_message(e)) from None
+        except KeyboardInterrupt:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            click.echo(f"\ninterrupted; {interrupt_hint(ctx)}", err=True)
+            ctx.exit(130)
+        except Exception as e:
+            if not _is_remote_storage_error(e) or os.environ.get(DEBUG_ENV):
+                raise
+            raise click.ClickException(error_message(e)) from None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+def interrupt_hint(ctx: click.Context) -> str:
+    """What a Ctrl-C leaves and how to go on: every long command resumes when rerun as it was typed."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    sub = ctx.invoked_subcommand or ""
+    if sub == "extract-teacher":
+        args += [] if "--resume" in args else ["--resume"]
+        return f"complete shards are kept; finish with: mimic {shlex.join(args)}"
+    if sub in ("train-teacher", "train-student", "train-family", "demo"):
+        return f"the run resumes from its last checkpoint with: mimic {shlex.join(args)}"
+    return "nothing was written"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--verbose", "-v", is_flag=True, help=f"Show the full traceback of an error (same as {DEBUG_ENV}=1).")
+def main(verbose: bool) -> None:
     """mimicdet: train very efficient detectors by mimicking a big teacher (Li, Jin, Yan, CVPR 2017).
 
     Offline pipeline: train-teacher -> extract-teacher (feature store) -> train-student -> evaluate.
     """
+    if verbose:
+        os.environ[DEBUG_ENV] = "1"
 
 
 # Option parsers shared by several commands.
@@ -106,7 +152,7 @@ def make_data() -> None:
 @click.option("--test", default=500, show_default=True, type=click.IntRange(min=0), help="Test images.")
 @click.option("--pool", default=0, show_default=True, type=click.IntRange(min=0), help="Extra (teacher) images.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=64), help="Image side, px.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the generator: the same seed and sizes give byte-identical files.")
 @click.option("--preview", default=0, show_default=True, type=click.IntRange(min=0),
               help="Draw this many train images with boxes under OUT/preview/.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="0: one per core.")
@@ -155,7 +201,7 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
 @click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant")),
               help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale). "
                    "assistant: RoI mimic of a w=1/2 teacher trained like the teacher (a teacher assistant).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, control_teacher, seeds,
          widths, settings, strategies, device, workers) -> None:
@@ -226,12 +272,12 @@ def verify_store_command(store, data_root, split) -> None:
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech) or a plain folder of images (no labels needed).")
 @click.option("--split", default="train", show_default=True, help="Split of --data to extract.")
 @click.option("--out", required=True, help="Store location: a path or an fsspec URL (s3://bucket/prefix).")
-@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True, help="Store backend: zarr (one sharded array per record kind) or hdf5 (one file per shard).")
 @click.option("--dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Feature map storage type (int8: per-channel scale).")
 @click.option("--proposals", default=300, show_default=True, type=click.IntRange(min=1), help="Top-K teacher proposals stored per image.")
 @click.option("--flip", is_flag=True, help="Also store the horizontally flipped pass (students training with flips mimic these).")
 @click.option("--shard-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per shard file.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per teacher forward pass.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Dask LocalCluster worker processes (0: extract in this process).")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (tcp://host:8786).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted extraction (refused if the teacher or dataset changed).")
@@ -266,7 +312,7 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
               help="Weight w_k of each --store's mimic loss, in --store order (L_m = sum_k w_k L_m^k; default 1 each). "
                    "Give one per --store or none.")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root holding the labelled images.")
-@click.option("--split", default="train", show_default=True)
+@click.option("--split", default="train", show_default=True, help="Split of --data with the labelled images the store was extracted from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (rerun the same command to resume).")
 @click.option("--width", default="1/4", show_default=True, callback=_fraction, help="Student width multiplier (1/2, 1/4, 1/8 ...).")
 @click.option("--stage", type=click.IntRange(1, 2), default=1, show_default=True, help="1: backbone + RPN; 2: full detector.")
@@ -282,30 +328,30 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
                    "match (a teacher's top proposals are mostly background; the plain mean made a student's head "
                    "call its objects background).")
 @click.option("--scale-mimic", is_flag=True, help="Student sees a half-size image and upsamples its map x2.")
-@click.option("--rois-per-image", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--rois-per-image", default=64, show_default=True, type=click.IntRange(min=1), help="Teacher proposals per image the mimic loss samples (drawn from the 2x best-scoring).")
 @click.option("--flip", is_flag=True, help="Random horizontal flips (needs a store extracted with --flip).")
-@click.option("--iters", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int))
+@click.option("--iters", default=1000, show_default=True, type=click.IntRange(min=1), help="Training iterations (stage 2 usually gets half of stage 1's).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per iteration (labelled plus unlabelled).")
+@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate of SGD (warm-up, then the schedule).")
+@click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int), help="RPN anchor sizes in input pixels; stage 2 inherits the --init checkpoint's.")
 @click.option("--aspect-ratios", default="0.5,1,2", show_default=True, callback=_csv(float), help="height/width ratios.")
 @click.option("--unlabeled", multiple=True,
               help="Store of extra images without labels (mimic loss only). With several --store teachers, repeat it: "
                    "each teacher's store of those images, in --store order.")
 @click.option("--unlabeled-data", type=click.Path(exists=True), default=None, help="Where the --unlabeled images are.")
-@click.option("--unlabeled-split", default="train", show_default=True)
+@click.option("--unlabeled-split", default="train", show_default=True, help="Split of --unlabeled-data that the --unlabeled store holds.")
 @click.option("--unlabeled-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of each batch drawn from --unlabeled.")
 @click.option("--subset", default=None, type=click.IntRange(min=1), help="Use only N labelled images (seeded choice).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial weights, sampling and flips (a rerun with the same seed is bit-identical on one machine).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
-@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0), help="Score recall on --eval-split every N iterations (0: never).")
 @click.option("--eval-split", default=None, help="Split for periodic recall evaluation.")
 @click.option("--checkpoint-every", default=200, show_default=True, type=click.IntRange(min=1),
               help="Write the resumable OUT/checkpoint.pt every N iterations.")
 @click.option("--skip-corrupt", is_flag=True,
               help="Verify the store's shards first and train without damaged images (reports how many).")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace a run at --out made with another configuration (only the run's own files are removed).")
 def train_student_command(store, teacher_weights, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
                           logits_weight, logits_balance, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
                           aspect_ratios, unlabeled, unlabeled_data, unlabeled_split, unlabeled_fraction, subset, seed,
@@ -332,8 +378,11 @@ def train_student_command(store, teacher_weights, data, split, out, width, stage
         click.echo(f"skipped {len(skipped)} damaged image(s): "
                    + ", ".join(f"{k['image_id']!r} ({k['problem']})" for k in skipped[:10])
                    + (" ..." if len(skipped) > 10 else ""))
-    click.echo(f"student at iteration {summary['iteration']}: {summary['model']} "
-               f"({summary['s_per_iter']:.3f} s/iter, {100 * summary['data_fraction']:.1f}% waiting for data)")
+    if summary["steps"]:
+        click.echo(f"student at iteration {summary['iteration']}: {summary['model']} "
+                   f"({summary['s_per_iter']:.3f} s/iter, {100 * summary['data_fraction']:.1f}% waiting for data)")
+    else:
+        click.echo(f"student at iteration {summary['iteration']}: {summary['model']} (already trained; nothing to resume)")
 # --- end extract-teacher / train-student ---
 
 # --- train-teacher / evaluate ---
@@ -363,18 +412,18 @@ def _float_list(ctx, param, value):
 
 @main.command("train-teacher")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech).")
-@click.option("--split", default="train", show_default=True)
+@click.option("--split", default="train", show_default=True, help="Split of --data to train on.")
 @click.option("--subset", default=None, type=click.IntRange(min=1),
               help="Train on N images of --split only, drawn by --subset-seed as train-student --subset draws them "
                    "(a control teacher that knows only a student's labelled images).")
-@click.option("--subset-seed", default=0, show_default=True, type=int)
+@click.option("--subset-seed", default=0, show_default=True, type=int, help="Seed of the --subset draw.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumes when it exists).")
 @click.option("--width", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Backbone width multiplier.")
-@click.option("--head", default="fast-rcnn", show_default=True, type=click.Choice(["fast-rcnn", "rfcn"]))
+@click.option("--head", default="fast-rcnn", show_default=True, type=click.Choice(["fast-rcnn", "rfcn"]), help="Detection head: fast-rcnn (RoIAlign + MLP) or rfcn (position-sensitive RoI pooling).")
 @click.option("--iters", default=None, type=click.IntRange(min=1),
               help="Training iterations [default: sized to finish in 10 min on 2 CPU cores].")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per iteration.")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Base learning rate.")
 @click.option("--min-size", default=256, show_default=True, type=click.IntRange(min=1), help="Shorter side, px.")
 @click.option("--max-size", default=512, show_default=True, type=click.IntRange(min=1), help="Longer side cap, px.")
@@ -382,17 +431,17 @@ def _float_list(ctx, param, value):
               help="Anchor sizes and aspect ratios; --anchor-sizes / --aspect-ratios override its parts.")
 @click.option("--anchor-sizes", default=None, callback=_int_list, help="e.g. 16,32,64,128 (input px).")
 @click.option("--aspect-ratios", default=None, callback=_float_list, help="height/width, e.g. 0.5,1,2.")
-@click.option("--rpn-channels", default=None, type=click.IntRange(min=1))
+@click.option("--rpn-channels", default=None, type=click.IntRange(min=1), help="Channels of the RPN's 3x3 conv (default: the backbone's output channels).")
 @click.option("--init-from", default=None, type=click.Path(exists=True, dir_okay=False),
               help="torchvision GoogLeNet state dict (width 1 only; inputs are then normalised as (x-0.5)/0.5).")
 @click.option("--flip", is_flag=True, help="Random horizontal flips.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0),
               help="Evaluate on --eval-split every N iterations (0: never).")
-@click.option("--eval-split", default="test", show_default=True)
-@click.option("--eval-max-images", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--eval-split", default="test", show_default=True, help="Split scored during training (with --eval-every).")
+@click.option("--eval-max-images", default=200, show_default=True, type=click.IntRange(min=1), help="Score at most N images of --eval-split each time (0: all).")
+@click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(min=1), help="Write the resumable OUT/checkpoint.pt every N iterations.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial weights, sampling and flips.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 @click.option("--overwrite", is_flag=True, help="Replace a run at --out made with another configuration.")
 def train_teacher_command(data, split, subset, subset_seed, out, width, head, iters, batch_size, lr, min_size,
@@ -422,15 +471,15 @@ def train_teacher_command(data, split, subset, subset_seed, out, width, head, it
 @main.command("evaluate")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Teacher or student checkpoint (model.pt).")
-@click.option("--data", required=True, type=click.Path(exists=True))
-@click.option("--split", default="test", show_default=True)
+@click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech or image folder layout).")
+@click.option("--split", default="test", show_default=True, help="Split of --data to score.")
 @click.option("--metrics", default="voc,coco,recall", show_default=True, help="Any of voc,coco,recall,caltech.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--plots", default=None, type=click.Path(file_okay=False), help="Write PNG plots into this folder.")
-@click.option("--max-images", default=None, type=click.IntRange(min=1))
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--max-images", default=None, type=click.IntRange(min=1), help="Score only the first N images of the split (default: all).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes decoding images.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--profile/--no-profile", default=True, show_default=True, help="Measure GFLOPs and ms/image.")
 @click.option("--score-thresh", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Detection score threshold [default: the checkpoint's, 0.05]. mAP ranks detections: 0.001 "
@@ -492,7 +541,7 @@ def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite
 @main.command("train-family")
 @click.option("--store", required=True, help="Feature store (path or s3:// URL) every width mimics.")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root the store was extracted from.")
-@click.option("--split", default="train", show_default=True)
+@click.option("--split", default="train", show_default=True, help="Split of --data with the labelled images the store was extracted from.")
 @click.option("--widths", default="1/2,1/4,1/8", show_default=True, callback=_widths,
               help="Comma-separated width multipliers, each in (0, 1].")
 @click.option("--stage", type=click.IntRange(1, 2), default=2, show_default=True,
@@ -502,24 +551,24 @@ def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite
 @click.option("--head", type=click.Choice(["fast-rcnn", "rfcn"]), default="fast-rcnn", show_default=True, help="Stage-2 head.")
 @click.option("--iters", default=1000, show_default=True, type=click.IntRange(min=1), help="Stage-1 iterations per width.")
 @click.option("--stage2-iters", default=None, type=click.IntRange(min=1), help="Stage-2 iterations [default: half of --iters].")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per iteration.")
+@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate of SGD.")
 @click.option("--mimic-weight", default=1.0, show_default=True, type=click.FloatRange(min=0), help="λ1, feature mimic weight.")
 @click.option("--logits-weight", default=0.3, show_default=True, type=click.FloatRange(min=0),
               help="Stage-2 logits matching weight (two-stage mimic; 0 with --mimic none).")
-@click.option("--rois-per-image", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int))
+@click.option("--rois-per-image", default=64, show_default=True, type=click.IntRange(min=1), help="Teacher proposals per image the mimic loss samples.")
+@click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int), help="RPN anchor sizes in input pixels.")
 @click.option("--aspect-ratios", default="0.5,1,2", show_default=True, callback=_csv(float), help="height/width ratios.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every member's initial weights and sampling.")
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher model.pt: evaluated too, for the reference point and the speed-ups.")
-@click.option("--eval-split", default="test", show_default=True)
-@click.option("--eval-max-images", default=None, type=click.IntRange(min=1))
+@click.option("--eval-split", default="test", show_default=True, help="Split scored after training.")
+@click.option("--eval-max-images", default=None, type=click.IntRange(min=1), help="Score at most N images of --eval-split (0: all).")
 @click.option("--profile-repeats", default=20, show_default=True, type=click.IntRange(min=1),
               help="Timed predict() runs per model (round-robin over the family).")
 @click.option("--budget-ms", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Time budget per image: name the widths that meet it.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder; finished widths are skipped when the command is run again.")

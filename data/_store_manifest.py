@@ -43,6 +43,8 @@ MARKER_DIR = "_complete"
 TEMP_SUFFIX = ".partial"  # temp files written before an atomic rename (zarr's LocalStore uses the same suffix)
 S3_ENDPOINT_ENV = "MIMICDET_S3_ENDPOINT"
 CHECKSUM_FIELD = "content_sha256"  # sha256 of the manifest's canonical JSON without this field
+# Format 1 was written both before and after checksums; from format 2 on every manifest has one.
+FIRST_CHECKSUMMED_VERSION = 2
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -253,6 +255,11 @@ class Manifest:
         # Last, so a malformed field is named above; this catches edits that leave every field valid (a renamed
         # class or image id, another channel count) and would otherwise mislabel every stored record.
         checksum = doc.pop(CHECKSUM_FIELD, None)
+        if checksum is None and version >= FIRST_CHECKSUMMED_VERSION:
+            raise StoreError(
+                f"{source}: field {CHECKSUM_FIELD}: missing; every format-{version} manifest carries it, so this one "
+                "was edited after the store was written; restore it or extract the store again"
+            )
         if checksum is not None and checksum != _content_sha256(doc):
             raise StoreError(
                 f"{source}: field {CHECKSUM_FIELD}: the manifest's content does not match its checksum "

@@ -428,6 +428,7 @@ def create_store(
     location = Location(url, storage_options)
     manifest = replace(manifest, backend=backend or manifest.backend, _source=location.url)
     if mode == "overwrite":
+        _check_only_a_store(location)
         location.remove_all()
     elif mode == "resume" and location.exists(MANIFEST_NAME):
         existing = _load_manifest(location)
@@ -464,6 +465,32 @@ def create_store(
     except OSError as e:
         raise _write_error(location.url, "creating the store", e) from None
     return StoreWriter(location, manifest)
+
+
+# The first path component of every object a store (either backend) writes.
+_STORE_TOP_LEVEL = frozenset({MANIFEST_NAME, "zarr.json", MARKER_DIR, "shards", "flip", "features", "scale",
+                              "feature_hw", "proposals", "scores", "num_proposals", "class_logits", "box_deltas"})
+
+
+def _check_only_a_store(location: Location) -> None:
+    """--overwrite deletes a feature store and nothing else: refuse a location that holds anything that is not
+    one (no manifest and not the debris of an interrupted creation) or that holds other files beside it."""
+    sizes = location.list_sizes()
+    if not sizes:
+        return
+    if MANIFEST_NAME not in sizes and not _creation_debris(location):
+        shown = ", ".join(sorted(sizes)[:4]) + (" ..." if len(sizes) > 4 else "")
+        raise FileExistsError(
+            f"{location.url}: not a feature store (no {MANIFEST_NAME}; holds {shown}); --overwrite only replaces a "
+            "feature store, so nothing was removed; choose another --out"
+        )
+    foreign = sorted(k for k in sizes if k.split("/")[0] not in _STORE_TOP_LEVEL and not k.endswith(TEMP_SUFFIX))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else "")
+        raise FileExistsError(
+            f"{location.url}: holds files that are not part of its feature store ({shown}); --overwrite only "
+            "replaces a feature store, so nothing was removed; move them or choose another --out"
+        )
 
 
 def _creation_debris(location: Location) -> list[str]:

@@ -224,6 +224,13 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding and resizing are per-item; threads inside a worker only contend
 
 
+def loader_generator() -> torch.Generator:
+    """A DataLoader's own RNG: its base seed is then not drawn from the global RNG, whose stream belongs to
+    training (RPN and RoI sampling) and is restored on resume. Keys carry every random choice (flips), so
+    workers need no seed of their own."""
+    return torch.Generator().manual_seed(0)
+
+
 def make_loader(
     images: DetectionImages, sampler, *, num_workers: int = 2, pin_memory: bool | None = None
 ) -> DataLoader:
@@ -239,4 +246,5 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=loader_generator(),
     )

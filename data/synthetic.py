@@ -50,6 +50,7 @@ SPLITS: tuple[str, ...] = ("train", "test", "pool")
 MIN_SCALE, MAX_SCALE = 12.0, 120.0  # sqrt(w*h) of a pasted object's box, px
 JPEG_QUALITY = 90
 META_FILE = "synthetic.json"
+_GENERATED = frozenset({META_FILE, "JPEGImages", "Annotations", "ImageSets", "preview"})  # top level of a dataset
 
 _SPLIT_CODE = {"train": 1, "test": 2, "pool": 3}
 # Fractions of every source's instances per split; fixed, so the train split does not change with --pool.
@@ -488,7 +489,12 @@ def _state(root: Path, config: SyntheticConfig) -> str:
         raise FileExistsError(f"{root} exists and is not a synthetic dataset (no {META_FILE}); choose another --out")
     if found == config.identity():
         return "same"
-    if not config.overwrite:
+    if config.overwrite:
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in _GENERATED)
+        if foreign:
+            raise FileExistsError(f"{root} holds files the generator did not write ({', '.join(foreign[:4])}); "
+                                  "--overwrite only replaces a generated dataset; move them or choose another --out")
+    else:
         asked = config.identity()
         diff = ", ".join(f"{k}={found.get(k)!r} (asked {v!r})" for k, v in asked.items() if found.get(k) != v)
         raise FileExistsError(f"{root} holds a synthetic dataset with other parameters: {diff}; "
@@ -533,7 +539,7 @@ def _remove_stale_tmp(root: Path) -> None:
 
 
 def _generate(config: SyntheticConfig, root: Path) -> None:
-    from tqdm import tqdm
+    from data.progress import progress_bar
 
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
@@ -545,7 +551,7 @@ def _generate(config: SyntheticConfig, root: Path) -> None:
         jobs = [(split, i) for split, n in config.counts().items() for i in range(n)]
         workers = min(config.workers or os.cpu_count() or 1, max(len(jobs) // 32, 1))
         args = (sources, config.seed, config.size, str(tmp))
-        with tqdm(total=len(jobs), desc=f"synthetic -> {root.name}", unit="img", disable=not config.progress) as bar:
+        with progress_bar(total=len(jobs), desc=f"synthetic -> {root.name}", unit="img", disable=not config.progress) as bar:
             if workers == 1:
                 _init_worker(*args)
                 for job in jobs:

@@ -126,15 +126,13 @@ def _predict_into(model: nn.Module, data: Dataset, pre, scale: float, evaluators
                   name: str) -> tuple[float, float]:
     """Predicts every image of ``data`` and feeds the evaluators (boxes in original pixels); returns
     ``(total seconds, seconds inside predict)``."""
-    from tqdm.auto import tqdm
-
     from data.loader import DetectionImages, EvalSampler, make_loader
+    from data.progress import progress_bar
 
     loader = make_loader(DetectionImages(data, pre, scale=scale), EvalSampler(len(data), batch_size),
                          num_workers=workers)
     t_start, predict_s = time.perf_counter(), 0.0
-    with tqdm(total=len(data), desc=f"evaluate {name}", unit="img",
-              disable=None if progress is None else not progress) as bar, torch.inference_mode():
+    with progress_bar(total=len(data), desc=f"evaluate {name}", unit="img", disable=progress is False) as bar, torch.inference_mode():
         for batch in loader:
             t0 = time.perf_counter()
             outputs = model.predict(batch.images.to(device), batch.image_sizes)
@@ -339,8 +337,13 @@ def _model_name(path: Path) -> str:
 def run_evaluate(config: EvalConfig) -> dict:
     """``mimic evaluate``: load checkpoint and split, evaluate, print the table, write JSON and plots."""
     from data import load_dataset
+    from data.paths import check_writable
     from detection.detector import load_detector
 
+    if config.out is not None:
+        check_writable("--out", config.out)
+    if config.plots is not None:
+        check_writable("--plots", config.plots, folder=True)
     model, meta = load_detector(config.model)
     if config.score_thresh is not None and model.head is not None:
         model.head.score_thresh = float(config.score_thresh)  # torchvision RoIHeads reads it at postprocess

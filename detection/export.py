@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.onnx.symbolic_helper import parse_args
 
 from data.errors import DataError
+from data.paths import check_output_apart
 from detection.checkpoints import file_sha256
 
 FORMATS = ("onnx", "torchscript")
@@ -405,6 +406,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     side_path = Path(f"{out}.json")
+    for p in (out, side_path):
+        check_output_apart("--out", p, {"CHECKPOINT": cfg.checkpoint})
     if not cfg.overwrite:
         for p in (out, side_path):
             if p.exists():

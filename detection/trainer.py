@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,17 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 EVAL_NAME = "eval.jsonl"
 TENSORBOARD_NAME = "tensorboard"
+
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, EVAL_NAME, "model.pt")
+
+
+def clear_run_files(out: Path, names: Sequence[str] = ()) -> None:
+    """Removes what a training run writes in ``out`` (RUN_FILES, TensorBoard logs and ``names``), never anything
+    else the folder may hold: ``--overwrite`` replaces a run, not a folder."""
+    for name in (*RUN_FILES, *names):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD_NAME, ignore_errors=True)
+
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 BatchSource = Callable[[int], Iterator[Any]]
@@ -325,7 +337,8 @@ class EvalHook(Hook):
 
 
 class ProgressBarHook(Hook):
-    """A tqdm bar with the running loss and it/s. ``enabled=None`` shows it only on a terminal."""
+    """A progress bar with the running loss and it/s (periodic lines when output is not a terminal);
+    ``enabled=False`` hides it."""
 
     def __init__(self, *, enabled: bool | None = None, desc: str = "train") -> None:
         self.enabled = enabled
@@ -333,21 +346,20 @@ class ProgressBarHook(Hook):
         self._bar = None
 
     def before_train(self, trainer: "Trainer") -> None:
-        from tqdm.auto import tqdm
+        from data.progress import progress_bar
 
-        self._bar = tqdm(
+        self._bar = progress_bar(
             total=trainer.config.iters,
             initial=trainer.start_iter,
             desc=self.desc,
             unit="it",
-            disable=None if self.enabled is None else not self.enabled,
-            dynamic_ncols=True,
+            disable=self.enabled is False,
         )
 
     def after_step(self, trainer: "Trainer") -> None:
         self._bar.update(1)
         s = trainer.storage
-        self._bar.set_postfix(loss=f"{s['total_loss']:.3f}", lr=f"{s['lr']:.2g}", data=f"{s['data_time']:.2f}s")
+        self._bar.set_postfix(loss=f"{s['total_loss']:.3f}", lr=f"{s['lr']:.2g}", data=f"{s['data_time']:.2f}s", refresh=False)
 
     def after_train(self, trainer: "Trainer") -> None:
         if self._bar is not None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -233,9 +232,10 @@ class Demo:
         if stale is not None:
             # Set the old run aside with its score (the trainer would resume from its checkpoint, and the score
             # belongs to the old model); nothing is deleted.
-            old = run.with_name(f"{run.name}.{tag}")
-            if old.exists():
-                shutil.rmtree(old)
+            old, k = run.with_name(f"{run.name}.{tag}"), 1
+            while old.exists():
+                k += 1
+                old = run.with_name(f"{run.name}.{tag}-{k}")
             run.rename(old)
             score = self.out / "eval" / f"{name}.json"
             if score.exists():

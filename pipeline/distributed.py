@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from data.progress import progress_bar
 from data.records import Dataset, ImageRecord
 from data.transforms import Preprocess
 
@@ -71,6 +71,21 @@ def extract_shard_task(
     return len(records)
 
 
+def check_scheduler(address: str, *, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError naming ``address`` unless a Dask scheduler answers there within ``timeout_s``: checked
+    before the store is created, so an unreachable scheduler leaves nothing behind."""
+    from distributed import Client
+
+    try:
+        Client(address, timeout=timeout_s).close()
+    except (OSError, TimeoutError, ValueError) as e:
+        cause = " ".join(str(e).split()) or type(e).__name__
+        raise ConnectionError(
+            f"--scheduler {address}: no Dask scheduler answers there ({cause}); start one with `dask scheduler` "
+            "or leave --scheduler out to extract on this machine"
+        ) from None
+
+
 def extract_on_dask(cfg, manifest, dataset: Dataset, shards: Sequence[int]) -> None:
     from distributed import Client, LocalCluster, as_completed
 
@@ -110,7 +125,7 @@ def extract_on_dask(cfg, manifest, dataset: Dataset, shards: Sequence[int]) -> N
                 )
             )
         total = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in shards) * len(manifest.flips)
-        with tqdm(total=total, desc="extract (dask)", unit="img", disable=not cfg.progress) as bar:
+        with progress_bar(total=total, desc="extract (dask)", unit="img", disable=not cfg.progress) as bar:
             for future in as_completed(futures):
                 bar.update(future.result() * len(manifest.flips))
     finally:

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from data import load_dataset
 from data.errors import DataError, StoreError
 from data.featurestore import ImageFeatures, Manifest, create_store
 from data.loader import DetectionImages, collate
+from data.paths import check_output_apart
+from data.progress import progress_bar
 from data.records import Dataset, ImageRecord
 from data.transforms import Preprocess, resize_params
 from detection.checkpoints import file_sha256
@@ -284,7 +285,7 @@ def _extract_local(
             write_one(job)
 
     total = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in shards) * len(flips)
-    bar = tqdm(total=total, desc="extract", unit="img", disable=not cfg.progress)
+    bar = progress_bar(total=total, desc="extract", unit="img", disable=not cfg.progress)
     current: int | None = None
     per_flip: dict[bool, list[ImageFeatures]] = {}
     try:
@@ -337,6 +338,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         raise ValueError(f"--proposals must be >= 1, got {cfg.proposals}")
     if cfg.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    check_output_apart("--out", cfg.out, {"--teacher": cfg.teacher, "--data": cfg.data})
     device = resolve_device(cfg.device)
     teacher, meta, sha = load_teacher(Path(cfg.teacher), device)
     pre = teacher_preprocess(meta, Path(cfg.teacher))
@@ -344,6 +346,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
     if len(dataset) == 0:
         raise DataError(f"{cfg.data}: split {cfg.split!r} has no images")
     manifest = build_manifest(teacher=teacher, meta=meta, teacher_sha=sha, dataset=dataset, pre=pre, cfg=cfg)
+    if cfg.scheduler:
+        from pipeline.distributed import check_scheduler
+
+        check_scheduler(cfg.scheduler)
     writer = create_store(
         cfg.out, manifest, backend=cfg.backend, mode=cfg.mode, storage_options=cfg.storage_options or None
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -22,16 +21,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from data.errors import DataError
+from data.paths import check_output_apart
 from data.records import Dataset
 from detection.trainer import (
     CHECKPOINT_NAME,
-    EVAL_NAME,
     Hook,
-    METRICS_NAME,
-    TENSORBOARD_NAME,
     OptimConfig,
     TrainConfig,
     Trainer,
+    clear_run_files,
     default_hooks,
 )
 
@@ -162,18 +160,11 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def _clear_run(out: Path) -> None:
-    """Removes what a run writes (never anything else the folder may hold)."""
-    for name in (CHECKPOINT_NAME, MODEL_NAME, RUN_NAME, METRICS_NAME, EVAL_NAME):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / TENSORBOARD_NAME, ignore_errors=True)
-
-
 def _claim_run(out: Path, identity: dict, overwrite: bool) -> None:
     """Refuses a RUN folder that holds a different run; writes ``run.json`` for a new one."""
     run_file = out / RUN_NAME
     if overwrite:
-        _clear_run(out)
+        clear_run_files(out, [RUN_NAME])
     elif run_file.exists():
         old = json.loads(run_file.read_text())
         diffs = _differences(old, identity)
@@ -239,6 +230,7 @@ def train_teacher(config: TeacherConfig, *, hooks: Sequence[Hook] = ()) -> dict:
     identity = run_identity(dataset=train_set, preprocess=pre.to_dict(), detector=det_config.to_dict(),
                             train=train_config, flip=config.flip, init_from=config.init_from)
     out = Path(config.out)
+    check_output_apart("--out", out, {"--data": config.data, "--init-from": config.init_from})
     _claim_run(out, identity, config.overwrite)
 
     torch.manual_seed(config.seed)  # deterministic initial weights

@@ -187,7 +187,8 @@ def train_members(cfg: FamilyConfig, echo: Callable[[str], None] = print) -> dic
             echo(f"[family] {name}: training {scfg.iters} iterations ...")
             summary = run_train_student(scfg)
             trained = "now"
-            echo(f"[family] {name}: {summary['s_per_iter']:.3f} s/iter -> {summary['model']}")
+            echo(f"[family] {name}: " + (f"{summary['s_per_iter']:.3f} s/iter" if summary["steps"] else "already trained")
+                 + f" -> {summary['model']}")
         members[width] = {"model": scfg.out / "model.pt", "trained": trained}
     return members
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from data.errors import DataError, StoreError
 from data.featurestore import StoreReader, open_store, verify_store
-from data.loader import Batch, DetectionImages, IterationSampler, mix_seeds, collate
+from data.loader import Batch, DetectionImages, IterationSampler, collate, loader_generator, mix_seeds
 from data.records import Dataset
 
 # A key addresses one item of one source: (source, index, flip, iteration); source 0 = labelled,
@@ -285,10 +285,16 @@ class _MimicLoader(DataLoader):
     """Raises a batch's LoadFailure in the training process, with the message alone."""
 
     def __iter__(self):
-        for batch in super().__iter__():
-            if isinstance(batch, LoadFailure):
-                raise batch.error()
-            yield batch
+        # Start the underlying iterator now, not at the first next(): the trainer builds it inside a forked RNG
+        # so that a fresh and a resumed run see the same training RNG stream.
+        return _raise_failures(super().__iter__())
+
+
+def _raise_failures(batches: Iterator) -> Iterator:
+    for batch in batches:
+        if isinstance(batch, LoadFailure):
+            raise batch.error()
+        yield batch
 
 
 def make_mimic_loader(
@@ -304,6 +310,7 @@ def make_mimic_loader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=loader_generator(),
     )
 
 

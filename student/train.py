@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -43,6 +42,7 @@ from data import load_dataset
 from data.errors import StoreError
 from data.featurestore import StoreReader, open_store
 from data.loader import DetectionImages, mix_seeds
+from data.paths import check_output_apart
 from data.records import Dataset
 from data.transforms import Preprocess
 from detection.detector import Detector, DetectorConfig, build_detector, load_detector, save_detector
@@ -54,9 +54,12 @@ from detection.trainer import (
     ProgressBarHook,
     TrainConfig,
     Trainer,
+    clear_run_files,
 )
 from student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss
 from student.stream import MimicImages, MixedSampler, check_source, make_mimic_loader, open_source
+
+CONFIG_NAME = "student_config.json"  # the run identity a rerun is compared with
 
 STRATEGIES = ("roi", "map", "logits", "none")
 SAMPLERS = ("roialign", "native")
@@ -343,11 +346,14 @@ def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
 
 def check_out_dir(cfg: StudentConfig) -> None:
     """A run folder holds one configuration: rerunning it resumes; a different one needs --overwrite."""
-    cfg_path = cfg.out / "student_config.json"
+    inputs = {"--data": cfg.data, "--init": cfg.init, "--unlabeled-data": cfg.unlabeled_data}
+    inputs |= {f"--store {url}": url for url in cfg.stores} | {f"--unlabeled {url}": url for url in cfg.unlabeled_stores}
+    check_output_apart("--out", cfg.out, inputs)
+    cfg_path = cfg.out / CONFIG_NAME
     mine = cfg.to_dict()
     if cfg_path.exists():
         if cfg.overwrite:
-            shutil.rmtree(cfg.out)
+            clear_run_files(cfg.out, [CONFIG_NAME])
         else:
             theirs = json.loads(cfg_path.read_text())
             # skip_corrupt may change between runs: a run stopped by a damaged image resumes with it.
@@ -472,7 +478,8 @@ def run_train_student(cfg: StudentConfig) -> dict:
     if more_stores:
         meta["teachers"] = teachers_meta(cfg, [store, *more_stores])
     train_cfg = train_config(cfg)
-    hooks = [CheckpointHook(cfg.checkpoint_every), MetricsLogHook(cfg.log_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
+    # Logs before the checkpoint: every log line up to a checkpoint's iteration exists once that checkpoint does.
+    hooks = [MetricsLogHook(cfg.log_every), CheckpointHook(cfg.checkpoint_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
     if cfg.eval_every and cfg.eval_split:
         hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
     # Built once here so a batch composition it refuses is refused before the run folder is touched.

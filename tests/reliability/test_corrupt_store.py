@@ -6,10 +6,12 @@ images and says which. The world's train store has 8 images in shards [0,4) and 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
+from data.featurestore import Manifest
 from detection.detector import load_detector
 from student.train import StudentConfig, run_train_student
 from tests.reliability.helpers import (
@@ -138,14 +140,24 @@ def test_a_manifest_cut_short_is_refused(world, store, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_edit_that_also_drops_the_checksum_is_still_caught(world, store, tmp_path):
-    """Edited channel count with the checksum deleted: verify compares the stored arrays with the manifest, and
-    training refuses the first record whose map does not have the manifest's channels."""
-    edit_manifest(store, lambda d: (d["features"].update(channels=52), d.pop("content_sha256")))
-    assert_refused(cli("verify-store", store), 1,
-                   r"shard 0 \(images .*\): stored arrays do not have the per-image shape the manifest gives: "
-                   r"features \[104, 4, 4\] float16 \(manifest: \[52, 4, 4\] float16\)")
-    assert_refused(cli(*train_args(world, store, tmp_path / "run")), 1,
-                   r"shard \d image \d \('train-000\d'\): stored features have 104 channels, the manifest says 52")
-    assert_refused(cli(*train_args(world, store, tmp_path / "skip", "--skip-corrupt")), 1,
-                   r"every one of the 8 images to train on is damaged")
+@pytest.mark.parametrize("edit", ["preprocess", "channels"])
+def test_an_edit_that_also_drops_the_checksum_is_refused(world, store, tmp_path, edit):
+    """Every format-2 manifest carries its checksum: one without it was edited, whatever else it says."""
+    change = {"preprocess": lambda d: d["preprocess"].update(min_size=48),
+              "channels": lambda d: d["features"].update(channels=52)}[edit]
+    edit_manifest(store, lambda d: (change(d), d.pop("content_sha256")))
+    expected = [re.escape(str(store / "manifest.json")), r"field content_sha256: missing", r"was edited"]
+    assert_refused(cli("verify-store", store), 1, *expected)
+    assert_refused(cli("inspect-store", store), 1, *expected)
+    for extra in ((), ("--skip-corrupt",)):
+        assert_refused(cli(*train_args(world, store, tmp_path / "run", *extra)), 1, *expected)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_format_1_manifest_without_checksum_is_still_read(store):
+    """Format 1 predates the rule (its first stores had no checksum): such a manifest still parses."""
+    doc = json.loads((store / "manifest.json").read_text())
+    doc.update(format_version=1)
+    doc["proposals"].pop("dtype")
+    doc.pop("content_sha256")
+    assert Manifest.from_json(json.dumps(doc), source="old").format_version == 1
