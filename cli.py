@@ -333,8 +333,8 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--iters", default=1000, show_default=True, type=click.IntRange(min=1), help="Training iterations (stage 2 usually gets half of stage 1's).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per iteration (labelled plus unlabelled).")
 @click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate of SGD (warm-up, then the schedule).")
-@click.option("--anchor-sizes", default="16,32,64,128", show_default=True, callback=_csv(int), help="RPN anchor sizes in input pixels; stage 2 inherits the --init checkpoint's.")
-@click.option("--aspect-ratios", default="0.5,1,2", show_default=True, callback=_csv(float), help="height/width ratios.")
+@click.option("--anchor-sizes", default=None, callback=_csv(int), help="RPN anchor sizes in input pixels [default: 16,32,64,128; stage 2: the --init checkpoint's].")
+@click.option("--aspect-ratios", default=None, callback=_csv(float), help="Anchor height/width ratios [default: 0.5,1,2; stage 2: the --init checkpoint's].")
 @click.option("--unlabeled", multiple=True,
               help="Store of extra images without labels (mimic loss only). With several --store teachers, repeat it: "
                    "each teacher's store of those images, in --store order.")

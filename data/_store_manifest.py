@@ -210,6 +210,10 @@ class Manifest:
             _set_path(out, path, fn(self))
         return out
 
+    def content_sha256(self) -> str:
+        """The checksum stored in the manifest: sha256 of its canonical JSON (identifies a store by content)."""
+        return _content_sha256(self.to_dict())
+
     def to_json(self) -> str:
         doc = self.to_dict()
         doc[CHECKSUM_FIELD] = _content_sha256(doc)

@@ -45,6 +45,7 @@ from data.loader import DetectionImages, mix_seeds
 from data.paths import check_output_apart
 from data.records import Dataset
 from data.transforms import Preprocess
+from detection.checkpoints import file_sha256
 from detection.detector import Detector, DetectorConfig, build_detector, load_detector, save_detector
 from detection.trainer import (
     CheckpointHook,
@@ -68,6 +69,28 @@ SAMPLERS = ("roialign", "native")
 # "Picking the logits-match weight"): at 1.0 the match dragged a strong teacher's 1/4 student's backbone off its
 # proposals (R@0.7 34.6 -> 26.2 during stage 2, mAP 5 points under scratch); 0.3 was ahead of scratch in all three.
 DEFAULT_LOGITS_WEIGHT = 0.3
+
+
+# RPN anchor sizes (input pixels) and height/width ratios of a student that is given none and inherits none.
+DEFAULT_ANCHORS: tuple[tuple[int, ...], tuple[float, ...]] = ((16, 32, 64, 128), (0.5, 1.0, 2.0))
+
+
+def inherit_anchors(cfg: StudentConfig) -> StudentConfig:
+    """Stage 2 keeps the anchors its stage-1 RPN was trained with: unset ones come from --init, and ones given
+    that differ from the checkpoint's are refused, naming both."""
+    if cfg.stage != 2 or cfg.init is None:
+        return cfg
+    stage1, _ = load_detector(cfg.init)
+    theirs = {"anchor_sizes": tuple(stage1.config.anchor_sizes), "aspect_ratios": tuple(stage1.config.aspect_ratios)}
+    for name, value in theirs.items():
+        asked = getattr(cfg, name)
+        if asked is not None and tuple(asked) != value:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{option} {','.join(map(str, asked))} differs from the --init {cfg.init} RPN's "
+                f"{','.join(map(str, value))}; leave {option} out to keep the stage-1 anchors"
+            )
+    return replace(cfg, **theirs)
 
 
 def mimic_loss_name(k: int) -> str:
@@ -105,8 +128,9 @@ class StudentConfig:
     schedule: str = "cosine"
     weight_decay: float = 1e-4
     grad_clip: float = 10.0
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # None: DEFAULT_ANCHORS, or in stage 2 the --init checkpoint's (resolved by inherit_anchors).
+    anchor_sizes: tuple[int, ...] | None = None
+    aspect_ratios: tuple[float, ...] | None = None
     rpn_channels: int | None = None
     unlabeled: str | tuple[str, ...] | None = None  # store of images without labels (mimic only); one per teacher
     unlabeled_data: Path | None = None  # where those images are
@@ -190,6 +214,11 @@ class StudentConfig:
         if self.logits_weight is None:
             default = DEFAULT_LOGITS_WEIGHT if self.stage == 2 and self.mimic in ("roi", "logits") else 0.0
             object.__setattr__(self, "logits_weight", default)
+        if self.stage == 1 or self.init is None:
+            if self.anchor_sizes is None:
+                object.__setattr__(self, "anchor_sizes", DEFAULT_ANCHORS[0])
+            if self.aspect_ratios is None:
+                object.__setattr__(self, "aspect_ratios", DEFAULT_ANCHORS[1])
         if self.eval_every and not self.eval_split:
             raise ValueError("--eval-every needs --eval-split: the split to evaluate on")
 
@@ -344,22 +373,42 @@ def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
     return student
 
 
+# Where the inputs are is not what the run is: stages on separate machines copy stores and folders. These keys
+# are compared through the content digests of ``input_digests``; the others must be equal to resume.
+LOCATION_KEYS = ("store", "unlabeled", "data", "unlabeled_data", "init", "out", "storage_options")
+# May change between calls of one run (skip_corrupt: a run stopped by a damaged image resumes with it).
+FREE_KEYS = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every", "eval_every",
+             "eval_max_images", "skip_corrupt")
+
+
+def input_digests(cfg: StudentConfig) -> dict:
+    """The run's inputs by content: each store's manifest checksum (teacher, dataset digest, preprocessing, all
+    of it) and the --init checkpoint's sha256."""
+    options = cfg.storage_options or None
+    return {
+        "stores": [open_store(url, storage_options=options).manifest.content_sha256() for url in cfg.stores],
+        "unlabeled": [open_store(url, storage_options=options).manifest.content_sha256()
+                      for url in cfg.unlabeled_stores],
+        "init": file_sha256(cfg.init) if cfg.init is not None else None,
+    }
+
+
 def check_out_dir(cfg: StudentConfig) -> None:
-    """A run folder holds one configuration: rerunning it resumes; a different one needs --overwrite."""
+    """A run folder holds one configuration: rerunning it resumes (wherever its inputs now lie, if their content
+    is the same); a different one needs --overwrite."""
     inputs = {"--data": cfg.data, "--init": cfg.init, "--unlabeled-data": cfg.unlabeled_data}
     inputs |= {f"--store {url}": url for url in cfg.stores} | {f"--unlabeled {url}": url for url in cfg.unlabeled_stores}
     check_output_apart("--out", cfg.out, inputs)
     cfg_path = cfg.out / CONFIG_NAME
-    mine = cfg.to_dict()
+    mine = cfg.to_dict() | {"inputs": input_digests(cfg)}
     if cfg_path.exists():
         if cfg.overwrite:
             clear_run_files(cfg.out, [CONFIG_NAME])
         else:
             theirs = json.loads(cfg_path.read_text())
-            # skip_corrupt may change between runs: a run stopped by a damaged image resumes with it.
-            keys = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every",
-                    "eval_every", "eval_max_images", "skip_corrupt")
-            diff = {k for k in set(mine) | set(theirs) if k not in keys and mine.get(k) != theirs.get(k)}
+            # A folder from before input digests was keyed by the inputs' locations.
+            skip = FREE_KEYS + (LOCATION_KEYS if "inputs" in theirs else ("inputs",))
+            diff = {k for k in set(mine) | set(theirs) if k not in skip and mine.get(k) != theirs.get(k)}
             if diff:
                 raise FileExistsError(
                     f"{cfg.out}: holds a run with a different configuration ({', '.join(sorted(diff))}); "
@@ -395,6 +444,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
     """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary.
     Everything is checked before the run folder is touched; ``summary["skipped_images"]`` lists the damaged
     images left out (``--skip-corrupt``)."""
+    cfg = inherit_anchors(cfg)
     # The teacher fixed the class order (label k+1 <-> classes[k]); read the data with the store's classes.
     primary = cfg.primary_store
     classes = open_store(primary, storage_options=cfg.storage_options or None).manifest.classes
