@@ -60,6 +60,7 @@ __all__ = [
     "StoreWriter",
     "VerifyReport",
     "VerifyStoreConfig",
+    "check_dataset",
     "create_store",
     "describe_store",
     "format_inspection",
@@ -713,6 +714,7 @@ class VerifyReport:
     images_checked: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # informational (e.g. a renamed dataset folder); never fail
     # store index -> the first problem found with that image (every image of a shard for shard-wide problems)
     bad_images: dict[int, str] = field(default_factory=dict)
 
@@ -734,6 +736,7 @@ class VerifyReport:
         ]
         lines += [f"  error: {e}" for e in self.errors]
         lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -797,7 +800,9 @@ def verify_store(
                 f"leftover temporary file {key} from an interrupted write (ignored by readers; --resume removes it)"
             )
     if dataset is not None:
-        report.errors += _dataset_mismatch(manifest, dataset)
+        problems, notes = check_dataset(manifest, dataset)
+        report.errors += problems
+        report.notes += notes
     return report
 
 
@@ -863,35 +868,64 @@ def _check_shard_data(manifest: Manifest, backend: _Backend, shard: int, report:
         report.images_checked += len(rows) if not prefix else 0
 
 
-def _dataset_mismatch(manifest: Manifest, dataset: Any) -> list[str]:
-    pairs = [
-        ("dataset.name", manifest.dataset_name, dataset.name),
-        ("dataset.split", manifest.dataset_split, dataset.split),
-        ("dataset.num_images", manifest.num_images, len(dataset)),
-        ("dataset.digest", manifest.dataset_digest, dataset.digest()),
-        ("teacher.classes", list(manifest.classes), list(dataset.classes)),
-    ]
-    out = [f"store {name} {a!r} != dataset {b!r}" for name, a, b in pairs if a != b]
-    ids = tuple(r.image_id for r in dataset.records)
-    if ids != manifest.image_ids:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(manifest.image_ids, ids)) if a != b), min(len(ids), manifest.num_images)
+def check_dataset(manifest: Manifest, dataset: Any) -> tuple[list[str], list[str]]:
+    """Whether a store was made from ``dataset`` (a `data.records.Dataset`): the one rule of `mimic verify-store
+    --data` and `mimic train-student` (student.stream.open_source). Returns (problems, notes); any problem refuses.
+
+    Every image id of the dataset must be in the store. When the dataset holds exactly the store's images, the
+    digest of their ids and sizes (`Dataset.digest`, in the store's order) must be the manifest's dataset.digest;
+    a dataset holding only some of the store's images is checked by id alone (the digest covers all of them). The
+    dataset's name (its folder's name) and split name do not decide: a renamed or copied folder gets a note."""
+    problems: list[str] = []
+    notes: list[str] = []
+    where = f"{dataset.name}/{dataset.split}"
+    index = {image_id: i for i, image_id in enumerate(manifest.image_ids)}
+    missing = [r.image_id for r in dataset.records if r.image_id not in index]
+    if missing:
+        problems.append(
+            f"store has no record for {len(missing)} of {len(dataset)} images of {where} (first: {missing[0]!r})"
         )
-        out.append(f"store dataset.image_ids differ from the dataset's from index {first}")
-    return out
+    if missing or len(dataset) == manifest.num_images:
+        records = dataset.records if missing else tuple(sorted(dataset.records, key=lambda r: index[r.image_id]))
+        digest = replace(dataset, records=records).digest()
+        if digest != manifest.dataset_digest:
+            problems.append(f"store dataset.digest {manifest.dataset_digest!r} != dataset {digest!r}")
+    else:
+        notes.append(
+            f"dataset {where} holds {len(dataset)} of the store's {manifest.num_images} images: checked by image id "
+            "only (the store's dataset.digest covers all of them)"
+        )
+    if tuple(dataset.classes) != tuple(manifest.classes):
+        problems.append(f"store teacher.classes {list(manifest.classes)!r} != dataset {list(dataset.classes)!r}")
+    for name, a, b in (("name", manifest.dataset_name, dataset.name), ("split", manifest.dataset_split, dataset.split)):
+        if a != b:
+            notes.append(f"store dataset.{name} {a!r} != dataset {b!r} (only a name: the dataset.digest decides)")
+    return problems, notes
 
 
 # ---------------------------------------------------------------------------------------------- inspect
 
 
 def inspect_store(url: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Manifest, bytes on disk, raw float32 size of what is stored, compression ratio, bytes per image and
-    completion. Raw float32 counts each image's real map (C·h·w) and its k proposals' rows."""
+    """Manifest, bytes on disk, raw float32 size of what is stored, compression ratio, bytes per image, the
+    images each shard holds and completion. Raw float32 counts each image's real map (C·h·w) and its k proposals'
+    rows. A shard is complete when its marker and every one of its objects exist (one listing: a marker is not
+    parsed and no object is checked beyond its presence; `verify_store` checks sizes and checksums);
+    ``missing_objects`` names, per shard with a marker, the objects it lacks."""
     location = Location(url, storage_options)
     manifest = _load_manifest(location)
     backend = _make_backend(location, manifest, writable=False)
     sizes = location.list_sizes()
-    done = sorted(s for s in _marker_shards(location) if s < manifest.num_shards)
+    missing_objects: dict[int, list[str]] = {}
+    done = []
+    for shard in range(manifest.num_shards):
+        if marker_key(shard) not in sizes:
+            continue
+        lacking = [k for k in backend.shard_keys(shard) if k not in sizes]
+        if lacking:
+            missing_objects[shard] = lacking
+        else:
+            done.append(shard)
     C, Kc = manifest.channels, manifest.num_classes
     data_bytes = raw = images = 0
     for shard in done:
@@ -912,6 +946,8 @@ def inspect_store(url: str | Path, *, storage_options: Mapping[str, Any] | None 
         "compression_ratio": raw / data_bytes if data_bytes else None,
         "bytes_per_image": data_bytes / images if images else None,
         "images_done": images,
+        "shard_images": [stop - start for start, stop in map(manifest.shard_range, range(manifest.num_shards))],
+        "missing_objects": missing_objects,
         "completion": {
             "done": len(done),
             "total": manifest.num_shards,
@@ -927,6 +963,7 @@ def format_inspection(info: Mapping[str, Any]) -> str:
     pending = c["pending"]
     ratio = info["compression_ratio"]
     per_image = info["bytes_per_image"]
+    damaged = sorted(info["missing_objects"].items())
     lines = [
         f"store       {info['url']}  ({lay['backend']}, format {m['format_version']})",
         f"teacher     {t['arch']} width {t['width']} head {t['head']}  sha256 {t['sha256'][:16]}...  "
@@ -936,8 +973,14 @@ def format_inspection(info: Mapping[str, Any]) -> str:
         f"features    {f['layer']} stride {f['stride']}  C={f['channels']}  max {f['max_hw'][0]}x{f['max_hw'][1]}  "
         f"{f['dtype']} (quantisation {f['quantisation']})",
         f"proposals   K={p['k']} nms {p['nms_threshold']}  {p['num_classes']} classes incl. background",
-        f"shards      {c['done']}/{c['total']} complete ({lay['shard_size']} images each)"
+        f"shards      {c['done']}/{c['total']} complete ({_shard_images_text(info['shard_images'])})"
         + (f"; pending {pending[:10]}{' ...' if len(pending) > 10 else ''}" if pending else ""),
+        *(
+            f"damaged     shard {shard}: has its completion marker but lacks {_keys_text(keys)} "
+            "(`mimic extract-teacher ... --resume` rewrites it)"
+            for shard, keys in damaged[:10]
+        ),
+        *([f"damaged     ... and {len(damaged) - 10} more shards"] if len(damaged) > 10 else []),
         f"on disk     {_human(info['bytes_on_disk'])} total, "
         f"{_human(info['shard_bytes'])} in shards for {info['images_done']} images",
         f"raw float32 {_human(info['raw_float32_bytes'])}; compression {ratio:.2f}x; {_human(per_image)} per image"
@@ -945,6 +988,23 @@ def format_inspection(info: Mapping[str, Any]) -> str:
         else "raw float32 (no complete shards yet)",
     ]
     return "\n".join(lines)
+
+
+def _shard_images_text(counts: Sequence[int]) -> str:
+    """Images per shard, as stored: "1 shard of 16 images", "2 shards of 4 images", "2 shards: 64 + 36 images"."""
+    n = len(counts)
+    images = lambda k: f"{k} image{'' if k == 1 else 's'}"  # noqa: E731
+    if n == 0:
+        return "no shards"
+    if len(set(counts)) == 1:
+        return f"{n} shard{'' if n == 1 else 's'} of {images(counts[0])}"
+    if n <= 3:
+        return f"{n} shards: {' + '.join(map(str, counts))} images"
+    return f"{n} shards: {images(counts[0])} each, the last {counts[-1]}"
+
+
+def _keys_text(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more objects" if len(keys) > 3 else "")
 
 
 def _human(n: float | None) -> str:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.errors import DataError, StoreError
-from data.featurestore import StoreReader, open_store, verify_store
+from data.featurestore import StoreReader, check_dataset, open_store, verify_store
 from data.loader import Batch, DetectionImages, IterationSampler, collate, loader_generator, mix_seeds
 from data.records import Dataset
 
@@ -315,14 +315,14 @@ def make_mimic_loader(
 
 
 def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | None = None) -> StoreReader:
-    """Open a store and check it covers every image of ``dataset`` (by id) with complete shards, and, when it holds
-    exactly those images, that it was made from this dataset (digest of ids and image sizes)."""
+    """Open a store, check it was made from ``dataset`` by `data.featurestore.check_dataset`, the rule
+    `mimic verify-store --data` applies (every image id present; when it holds exactly those images, the digest of
+    ids and image sizes decides, not the dataset folder's name), and that it is complete."""
     store = open_store(store_url, storage_options=storage_options or None)
-    missing = [r.image_id for r in dataset.records if r.image_id not in store]
-    if missing:
+    problems, _notes = check_dataset(store.manifest, dataset)  # notes (a renamed folder) do not concern training
+    if problems:
         raise StoreError(
-            f"{store_url}: store has no record for {len(missing)} of {len(dataset)} images of "
-            f"{dataset.name}/{dataset.split} (first: {missing[0]!r}); extract the teacher on this split"
+            f"{store_url}: store was made from another dataset: {problems[0]}; extract the teacher on this dataset"
         )
     if not store.is_complete():
         done = len(store.completed_shards())
@@ -330,15 +330,6 @@ def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | Non
             f"{store_url}: store is incomplete ({done}/{store.manifest.num_shards} shards); "
             "finish it with `mimic extract-teacher ... --resume`"
         )
-    m = store.manifest
-    if len(dataset) == m.num_images:  # the same images (ids checked above): sizes and order must match too
-        ordered = replace(dataset, records=tuple(sorted(dataset.records, key=lambda r: store.index_of(r.image_id))))
-        if ordered.digest() != m.dataset_digest:
-            raise StoreError(
-                f"{store_url}: store was made from another dataset: its dataset.digest {m.dataset_digest[:16]}... "
-                f"!= {ordered.digest()[:16]}... of {dataset.name}/{dataset.split} (same image ids, other image sizes; "
-                "extract the teacher on this dataset)"
-            )
     return store
 
 
