@@ -509,20 +509,30 @@ def evaluate_command(model_path, data, split, metrics, out, plots, max_images, b
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="File to write; FILE.json gets the sidecar.")
 @click.option("--height", default=None, type=click.IntRange(min=1),
-              help="Input height, px [default: the checkpoint's shorter side at its input scale, padded].")
+              help="Fix the input height, px (give --width too): the file then takes exactly this size, smaller "
+                   "images zero-padded into it, larger ones refused [default: dynamic height, any size].")
 @click.option("--width", default=None, type=click.IntRange(min=1),
-              help="Input width, px [default: the same side as --height's default].")
+              help="Fix the input width, px (give --height too) [default: dynamic width, any size].")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(16, 20), help="ONNX opset.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Run the written file on two seeded inputs and compare with PyTorch before keeping it.")
+              help="Run the written file on two seeded inputs (at two sizes when dynamic) and compare with PyTorch "
+                   "before keeping it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE and FILE.json.")
 def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite) -> None:
-    """Export a detector checkpoint (teacher or student) as ONNX or TorchScript for one fixed input size.
+    """Export a detector checkpoint (teacher or student) as ONNX or TorchScript.
 
     \b
     The file holds all of predict() for one image [1,3,H,W] (normalised, zero-padded right/bottom), including
     RPN NMS, RoIAlign / PS-RoIAlign and class-wise NMS. Outputs: boxes [D,4], scores [D], labels [D] (int64),
     proposals [R,4], proposal_scores [R]; boxes in input pixels (head "none": detections = proposals).
+    \b
+    Input size: by default H and W are dynamic (any size), so the file takes every image of the checkpoint's
+    dataset: shorter side min_size, longer side at most max_size (times the input scale), zero-padded to a
+    multiple of the size divisor. It is checked against PyTorch at two sizes (e.g. landscape and portrait).
+    With --height and --width together it is made and checked for exactly that one size instead: smaller
+    images are padded into it, larger ones refused. The whole input counts as the image. FILE.json's "input"
+    says exactly what the file accepts.
+    \b
     Left to the caller: resize + normalise + pad the image (detection.export.prepare_input) and map boxes back to
     original pixels (detection.export.postprocess). Scale-mimic students take half-size input (see FILE.json)."""
     from pathlib import Path

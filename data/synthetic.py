@@ -545,6 +545,9 @@ def _generate(config: SyntheticConfig, root: Path) -> None:
     _remove_stale_tmp(root)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(root)}{os.getpid()}-", dir=root.parent))
     try:
+        from detection.checkpoints import follow_umask
+
+        follow_umask(tmp, directory=True)  # mkdtemp made it 0700, and the rename makes it the dataset's folder
         (tmp / "JPEGImages").mkdir()
         (tmp / "Annotations").mkdir()
         sources = load_sources()

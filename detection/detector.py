@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from data.errors import DataError
 from detection.backbone import InceptionBackbone
+from detection.checkpoints import follow_umask
 from detection.heads import HEAD_KINDS, BoxHead, BoxHeadConfig, build_box_head
 from detection.rpn import RPN, RPNConfig, default_rpn_channels
 
@@ -377,6 +378,7 @@ def save_detector(path: str | Path, model: Detector, meta: dict[str, Any] | None
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -299,7 +299,8 @@ def _fmt(v: Any, pct: bool = True) -> str:
 
 
 def format_report(report: dict) -> str:
-    """A plain-text table of the headline numbers (percentages for recall/AP/miss rate)."""
+    """A plain-text table of the headline numbers; recall, AP and miss rate in percent (the report stores
+    fractions), as the plots show them; every such row says ``(%)``."""
     s = report["summary"]
     d = report["dataset"]
     lines = [f"{report['model']['name']} on {d['name']}/{d['split']} ({d['num_images']} images, "
@@ -307,15 +308,15 @@ def format_report(report: dict) -> str:
     rows: list[tuple[str, str]] = []
     for n in (100, 300):
         if f"AR@{n}" in s:
-            rows.append((f"proposals top-{n}: recall@0.5 / @0.7 / AR",
+            rows.append((f"proposals top-{n}: recall@0.5 / @0.7 / AR (%)",
                          f"{_fmt(s[f'recall@{n}_iou0.5'])} / {_fmt(s[f'recall@{n}_iou0.7'])} / {_fmt(s[f'AR@{n}'])}"))
     if "mAP@0.5_area" in s:
-        rows.append(("mAP@0.5 (VOC07 11-pt / area)", f"{_fmt(s['mAP@0.5_11pt'])} / {_fmt(s['mAP@0.5_area'])}"))
+        rows.append(("mAP@0.5 (%, VOC07 11-pt / area)", f"{_fmt(s['mAP@0.5_11pt'])} / {_fmt(s['mAP@0.5_area'])}"))
     if "coco_AP" in s:
-        rows.append(("COCO AP / AP50 / AP75", f"{_fmt(s['coco_AP'])} / {_fmt(s['coco_AP50'])} / {_fmt(s['coco_AP75'])}"))
-        rows.append(("COCO APs / APm / APl", f"{_fmt(s['coco_APs'])} / {_fmt(s['coco_APm'])} / {_fmt(s['coco_APl'])}"))
+        rows.append(("COCO AP / AP50 / AP75 (%)", f"{_fmt(s['coco_AP'])} / {_fmt(s['coco_AP50'])} / {_fmt(s['coco_AP75'])}"))
+        rows.append(("COCO APs / APm / APl (%)", f"{_fmt(s['coco_APs'])} / {_fmt(s['coco_APm'])} / {_fmt(s['coco_APl'])}"))
     if "LAMR" in s:
-        rows.append(("Caltech log-average miss rate", _fmt(s["LAMR"])))
+        rows.append(("Caltech log-average miss rate (%)", _fmt(s["LAMR"])))
     if "params_total" in s:
         rows.append(("params backbone / rpn / head / total (M)",
                      " / ".join(f"{s[f'params_{k}'] / 1e6:.3f}" for k in ("backbone", "rpn", "head", "total"))))

@@ -1,6 +1,6 @@
 """Export a detector checkpoint for deployment (``mimic export``): ONNX or TorchScript, plus a JSON sidecar.
 
-What is exported is the whole of :meth:`detection.detector.Detector.predict` for ONE image of a FIXED input size
+What is exported is the whole of :meth:`detection.detector.Detector.predict` for ONE image of input size
 ``H x W`` whose valid area is the whole input (``image_sizes = [(H, W)]``), post-processing included:
 RPN decoding, clipping, top-N and NMS; RoIAlign (Fast R-CNN) or position-sensitive RoIAlign (R-FCN); softmax,
 class-specific decoding, score threshold and class-wise NMS. Shapes::
@@ -16,11 +16,21 @@ With head ``"none"`` (stage-1 student) the detections are the proposals (as in `
 vary per image. ``H x W`` is the input after the checkpoint's resize at its ``input_scale`` (0.5 for a
 scale-mimic student) and padding; boxes are in those input pixels.
 
+Input size. By default ``H`` and ``W`` are DYNAMIC (ONNX axes named ``"H"`` and ``"W"``; the TorchScript trace
+records the shape arithmetic too): the file takes an image of any size, so it serves every image of the dataset
+the checkpoint was trained on, whose preprocessing gives a shorter side of ``min_size`` and a longer side of at
+most ``max_size`` (times ``input_scale``), which :func:`prepare_input` zero-pads right/bottom to multiples of the
+size divisor as the data loader does (:func:`input_sizes`). :func:`run_export` checks the file against PyTorch at
+two different sizes (landscape and portrait, or two heights when ``min_size == max_size``). Given
+``height`` AND ``width``, the export is for that one fixed size instead: smaller images are zero-padded into it,
+larger ones refused by :func:`prepare_input`.
+
 What remains for the caller (see :func:`prepare_input` and :func:`postprocess`): resize and normalise the image,
-zero-pad it to ``H x W``, and map boxes back to original image pixels (divide by the resize factor, clip to
-the image). An image smaller than ``H x W`` is padded; its boxes may reach into the padding until
-:func:`postprocess` clips them, and the RPN clips its proposals to ``H x W`` rather than to the image (``predict``
-given the image's own size clips before NMS, so the two can differ near the right and bottom edges).
+zero-pad it (to the size divisor, or to the fixed ``H x W``), and map boxes back to original image pixels (divide
+by the resize factor, clip to the image). Because the whole input counts as the image, its boxes may reach into
+the padding until :func:`postprocess` clips them, and the RPN clips its proposals to ``H x W`` rather than to
+the image (``predict`` given the image's own size clips before NMS, so the two can differ near the right and
+bottom edges; with the default padding to the size divisor that margin is under one divisor, e.g. 32 px).
 
 ONNX goes through ``torch.onnx.export(dynamo=False)`` (trace) with torchvision's symbolics for ``roi_align`` and
 ``nms``; ``ps_roi_align`` has none, so :func:`_ps_roi_align_symbolic` adds one: every (region, bin) pair
@@ -50,10 +60,11 @@ from torch.onnx.symbolic_helper import parse_args
 
 from data.errors import DataError
 from data.paths import check_output_apart
-from detection.checkpoints import file_sha256
+from detection.checkpoints import file_sha256, follow_umask
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
+DYNAMIC_DIMS = ("H", "W")  # names of the input's dynamic height and width (ONNX axes, sidecar shape)
 OUTPUT_NAMES = ("boxes", "scores", "labels", "proposals", "proposal_scores")
 MIN_OPSET = 16  # RoiAlign's coordinate_transformation_mode (ps_roi_align samples half-pixel-aligned)
 MAX_OPSET = 20  # highest opset of torch.onnx's TorchScript-based exporter
@@ -70,7 +81,8 @@ class ExportConfig:
     checkpoint: Path
     format: str  # "onnx" | "torchscript"
     out: Path
-    height: int | None = None  # None: the checkpoint's shorter side at its input_scale, padded (a square input)
+    # Both None (default): dynamic H and W, any input size. Both given: one fixed input size H x W.
+    height: int | None = None
     width: int | None = None
     opset: int = 17
     verify: bool = True  # compare the written file with PyTorch before renaming it into place
@@ -79,6 +91,11 @@ class ExportConfig:
     atol: float = 1e-2
     overwrite: bool = False
 
+    @property
+    def dynamic(self) -> bool:
+        """True when the exported input has dynamic height and width (neither was given)."""
+        return self.height is None and self.width is None
+
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {self.format!r}")
@@ -86,6 +103,11 @@ class ExportConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"export {name} must be a positive number of pixels, got {v!r}")
+        if (self.height is None) != (self.width is None):
+            raise ValueError(
+                "export height and width go together: give both for one fixed input size, or neither for dynamic "
+                f"height and width (any size); got height={self.height}, width={self.width}"
+            )
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ValueError(f"ONNX opset must be in {MIN_OPSET}..{MAX_OPSET}, got {self.opset}")
         if not self.atol > 0:
@@ -94,19 +116,31 @@ class ExportConfig:
 
 class DeployedDetector(nn.Module):
     """``Detector.predict`` on one image with the whole input as its valid area, as a tuple of tensors
-    (:data:`OUTPUT_NAMES`), which is what tracing and ONNX need."""
+    (:data:`OUTPUT_NAMES`), which is what tracing and ONNX need. Use it in eval mode.
 
-    def __init__(self, model: nn.Module, *, height: int, width: int) -> None:
+    It runs predict's steps itself (features, RPN, head, head post-processing) rather than calling ``predict``,
+    because ``predict`` turns ``image_sizes`` into Python ints, which a trace freezes: here the valid area is the
+    input's own shape, which tracing records as shape arithmetic, so the file works at any input size.
+    :func:`run_export` checks the result against ``predict`` before keeping a file."""
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.height, self.width = int(height), int(width)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        det = self.model.predict(images, [(self.height, self.width)])[0]
-        if self.model.head is None:
+        model = self.model
+        sizes = [(images.shape[-2], images.shape[-1])]
+        features = model.features(images)
+        proposals, proposal_scores, _ = model.rpn(features, sizes)
+        if model.head is None:
+            boxes, scores = proposals[0], proposal_scores[0]
             # predict makes these labels with torch.ones(len(p)), a length a trace would freeze; same values.
-            det["labels"] = torch.ones_like(det["scores"], dtype=torch.int64)
-        return tuple(det[name] for name in OUTPUT_NAMES)  # type: ignore[return-value]
+            labels = torch.ones_like(scores, dtype=torch.int64)
+        else:
+            out, _ = model.head(features, proposals, sizes)
+            det = model.head.postprocess(out.class_logits, out.box_deltas, out.proposals, sizes)[0]
+            boxes, scores, labels = det["boxes"], det["scores"], det["labels"]
+        return boxes, scores, labels, proposals[0], proposal_scores[0]
 
 
 # --- ONNX symbolic for torchvision's ps_roi_align ------------------------------------------------------------
@@ -172,13 +206,16 @@ def _register_symbolics() -> None:
 # --- writing --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence tracing's warnings about shapes read as Python ints (with a fixed input size they are constants on
-    purpose) and the deprecation notices of the TorchScript-based exporter, ``jit.save`` and ``jit.load``."""
+    """Silence tracing's warnings about shapes read as Python ints (what is read this way is a constant on
+    purpose, e.g. the configured top-N) and the deprecation notices of the TorchScript-based exporter,
+    ``jit.save`` and ``jit.load``."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        # torchvision's clip_boxes_to_image, traced with the image size as a traced value (a dynamic export)
+        warnings.filterwarnings("ignore", category=UserWarning, message="To copy construct from a tensor")
         yield
 
 
@@ -187,20 +224,31 @@ def example_input(height: int, width: int, *, seed: int = 0) -> Tensor:
     return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def export_onnx(model: nn.Module, path: Path, *, height: int, width: int, opset: int = 17) -> None:
-    """Write ``DeployedDetector(model)`` for ``1 x 3 x height x width`` inputs to ``path`` as ONNX."""
+def export_onnx(
+    model: nn.Module, path: Path, *, height: int, width: int, opset: int = 17, dynamic: bool = False
+) -> None:
+    """Write ``DeployedDetector(model)`` to ``path`` as ONNX, traced on a ``1 x 3 x height x width`` input.
+
+    ``dynamic``: the input's height and width are dynamic axes (``"H"``, ``"W"``) and the file takes any size;
+    otherwise the input is fixed at ``height x width``. The output rows are named ``"D"`` and ``"R"`` either way."""
     _register_symbolics()
-    module = DeployedDetector(model, height=height, width=width).eval()
+    module = DeployedDetector(model).eval()
+    axes: dict[str, dict[int, str]] = {n: {0: "R" if n.startswith("proposal") else "D"} for n in OUTPUT_NAMES}
+    if dynamic:
+        axes[INPUT_NAME] = {2: DYNAMIC_DIMS[0], 3: DYNAMIC_DIMS[1]}
     with _quiet(), torch.no_grad():
         torch.onnx.export(
             module, (example_input(height, width),), str(path), opset_version=opset, dynamo=False,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
         )  # fmt: skip
 
 
 def export_torchscript(model: nn.Module, path: Path, *, height: int, width: int) -> None:
-    """Write ``torch.jit.trace(DeployedDetector(model))`` for ``1 x 3 x height x width`` inputs to ``path``."""
-    module = DeployedDetector(model, height=height, width=width).eval()
+    """Write ``torch.jit.trace(DeployedDetector(model))``, traced on a ``1 x 3 x height x width`` input, to ``path``.
+
+    The trace records the input's shape arithmetic, so the file runs at other sizes too; :func:`run_export`
+    checks it at two sizes when the export is dynamic."""
+    module = DeployedDetector(model).eval()
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(module, (example_input(height, width),), check_trace=False)
         torch.jit.save(traced, str(path))
@@ -301,13 +349,18 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
 
 def prepare_input(image: np.ndarray, sidecar: dict[str, Any]) -> tuple[np.ndarray, Any]:
     """``uint8[h, w, 3]`` RGB -> ``(float32[1, 3, H, W], PrepParams)``: the checkpoint's resize at its
-    ``input_scale``, normalisation, then zero padding right/bottom to the exported ``H x W``."""
+    ``input_scale``, normalisation, then zero padding right/bottom: for a dynamic export (the sidecar's shape is
+    ``[1, 3, "H", "W"]``) up to multiples of the sidecar's ``size_divisor``, as the data loader pads a batch of one;
+    for a fixed one up to its ``H x W`` (a larger input is refused)."""
     from data.transforms import Preprocess, prepare
 
     pre = Preprocess.from_dict(sidecar["preprocess"])
     _, _, H, W = sidecar["input"]["shape"]
     tensor, _, params = prepare(image, np.zeros((0, 4), np.float32), pre, flip=False, scale=sidecar["input_scale"])
     h, w = tensor.shape[-2:]
+    if not (isinstance(H, int) and isinstance(W, int)):  # dynamic: pad to the size divisor, as the loader does
+        div = int(sidecar["input"].get("size_divisor") or _divisor(pre, float(sidecar["input_scale"])))
+        H, W = -(-h // div) * div, -(-w // div) * div
     if h > H or w > W:
         raise ValueError(
             f"image of {image.shape[1]}x{image.shape[0]} px becomes a {w}x{h} input, larger than the exported "
@@ -336,23 +389,76 @@ def postprocess(outputs: dict[str, np.ndarray], params: Any) -> dict[str, np.nda
 
 
 # --- the command ----------------------------------------------------------------------------------------------
-def default_input_size(meta: dict[str, Any]) -> tuple[int, int]:
-    """A square of the preprocess's shorter side at the checkpoint's ``input_scale``, rounded up to its padding
-    multiple (``size_divisor·input_scale``), as the data loader pads."""
+def _divisor(pre: Any, scale: float) -> int:
+    """The padding multiple at ``scale``: ``size_divisor·scale``, as :mod:`data.loader` pads."""
+    return max(1, round(pre.size_divisor * scale))
+
+
+@dataclass(frozen=True)
+class InputSizes:
+    """The padded inputs a checkpoint's preprocessing makes, at its ``input_scale``, padded as the loader pads."""
+
+    shorter: int  # the padded shorter side of an image resized to min_size (elongated images get less)
+    longest: int  # the padded longer-side cap from max_size: no input exceeds longest x longest
+    divisor: int  # H and W are padded to multiples of this
+
+    def check_sizes(self) -> list[tuple[int, int]]:
+        """Two different ``(H, W)`` a dynamic export is checked at: landscape and portrait inputs of this
+        dataset, or, when the two coincide (``min_size == max_size``), the square and one a divisor taller."""
+        first = (self.shorter, self.longest)
+        second = (self.longest, self.shorter) if self.longest != self.shorter else (self.shorter + self.divisor,
+                                                                                     self.shorter)
+        return [first, second]
+
+
+def input_sizes(meta: dict[str, Any]) -> InputSizes:
+    """:class:`InputSizes` of a checkpoint's ``meta`` (its ``preprocess`` and ``input_scale``)."""
     from detection.evaluate import _preprocess_and_scale
 
     pre, scale = _preprocess_and_scale(meta)
-    side = math.ceil(pre.min_size * scale - 1e-9)
-    div = max(1, round(pre.size_divisor * scale))
-    side = -(-side // div) * div
-    return side, side
+    div = _divisor(pre, scale)
+
+    def padded(side: int) -> int:
+        return -(-math.ceil(side * scale - 1e-9) // div) * div
+
+    return InputSizes(shorter=padded(pre.min_size), longest=padded(pre.max_size), divisor=div)
+
+
+def _accepts(cfg: ExportConfig, pre: Any, scale: float, sizes: InputSizes) -> str:
+    """The sidecar's sentence on what input the exported file takes."""
+    made = (
+        f"this checkpoint's preprocessing resizes an image's shorter side to {pre.min_size * scale:g} px with the "
+        f"longer side at most {pre.max_size * scale:g} px (min_size {pre.min_size}, max_size {pre.max_size} at "
+        f"input_scale {scale:g})"
+    )
+    tail = (
+        "The whole input counts as the image: boxes may reach into the padding until postprocess clips them to "
+        "the original image."
+    )
+    if cfg.dynamic:
+        return (
+            f"One image [1, 3, H, W] of ANY height H and width W (dynamic axes). {made}; prepare_input zero-pads "
+            f"it right/bottom to multiples of {sizes.divisor} as the data loader does, so inputs from this dataset "
+            f"are at most {sizes.longest} x {sizes.longest}. {tail}"
+        )
+    H, W = cfg.height, cfg.width
+    fits = (
+        f"Every image of this preprocessing fits (its inputs are at most {sizes.longest} x {sizes.longest})."
+        if H >= sizes.longest and W >= sizes.longest  # type: ignore[operator]
+        else f"Images whose input exceeds {H} x {W} are refused ({made}, up to {sizes.longest} x {sizes.longest})."
+    )
+    return (
+        f"Exactly one image [1, 3, {H}, {W}] (a fixed size, from --height/--width): prepare_input zero-pads a "
+        f"smaller input right/bottom into it. {fits} {tail}"
+    )
 
 
 
-def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     from detection.evaluate import _preprocess_and_scale
 
     pre, scale = _preprocess_and_scale(meta)
+    sizes = input_sizes(meta)
     head = model.config.head
     return {
         "format": cfg.format,
@@ -365,8 +471,12 @@ def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any], height: 
         "input_scale": scale,
         "input": {
             "name": INPUT_NAME,
-            "shape": [1, 3, height, width],
+            "shape": _input_shape(cfg),
             "dtype": "float32",
+            "dynamic": cfg.dynamic,
+            "accepts": _accepts(cfg, pre, scale, sizes),
+            "size_divisor": sizes.divisor,
+            "largest_preprocessed": [sizes.longest, sizes.longest],
             "layout": "NCHW RGB, (pixel/255 - mean)/std, zero-padded right/bottom; the whole input is the valid area",
         },
         "outputs": [
@@ -385,11 +495,16 @@ def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any], height: 
     }
 
 
+def _input_shape(cfg: ExportConfig) -> list[int | str]:
+    return [1, 3, *DYNAMIC_DIMS] if cfg.dynamic else [1, 3, cfg.height, cfg.width]  # type: ignore[list-item]
+
+
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name in ``path``'s folder and return it (the caller renames it)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        follow_umask(tmp)  # mkstemp made it 0600; writers that reopen the name keep the mode
         write(Path(tmp))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -418,12 +533,17 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         _onnxruntime()  # fail before the work, not after it
     model, meta = load_detector(cfg.checkpoint)
     model.eval()
-    height, width = default_input_size(meta)
-    height, width = cfg.height or height, cfg.width or width
-    sidecar = _sidecar(cfg, model, meta, height, width)
+    sidecar = _sidecar(cfg, model, meta)
+    if cfg.dynamic:
+        # Traced on the first size; the second size (and seed) catches shapes or values frozen into the trace.
+        checks = input_sizes(meta).check_sizes()
+    else:
+        checks = [(cfg.height, cfg.width)] * 2  # seed 1 catches values frozen into the trace
+    height, width = checks[0]
 
     if cfg.format == "onnx":
-        tmp = _write_atomically(out, lambda p: export_onnx(model, p, height=height, width=width, opset=cfg.opset))
+        tmp = _write_atomically(out, lambda p: export_onnx(model, p, height=height, width=width, opset=cfg.opset,
+                                                           dynamic=cfg.dynamic))
         runner = onnx_runner
     else:
         tmp = _write_atomically(out, lambda p: export_torchscript(model, p, height=height, width=width))
@@ -432,16 +552,17 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         if cfg.verify:
             run = runner(tmp)
             worst = 0.0
-            for seed in (0, 1):  # seed 0 is the traced example; seed 1 catches values frozen into the trace
-                x = example_input(height, width, seed=seed)
+            for seed, (h, w) in enumerate(checks):  # seed 0 at the traced size is the traced example
+                x = example_input(h, w, seed=seed)
                 try:
                     worst = max(worst, match_outputs(reference_outputs(model, x), run(x.numpy()), atol=cfg.atol))
                 except ValueError as e:
                     raise ValueError(
-                        f"exported {cfg.format} file does not reproduce PyTorch on test input {seed}: {e}; "
-                        f"nothing was written (--no-verify keeps it anyway)"
+                        f"exported {cfg.format} file does not reproduce PyTorch on test input {seed} ({h}x{w} px): "
+                        f"{e}; nothing was written (--no-verify keeps it anyway)"
                     ) from None
             sidecar["verified_max_abs_diff"] = worst
+            sidecar["verified_sizes"] = [[h, w] for h, w in checks]
         tmp_side = _write_atomically(side_path, lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -452,7 +573,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         "out": str(out),
         "sidecar": str(side_path),
         "format": cfg.format,
-        "input_shape": [1, 3, height, width],
+        "input_shape": _input_shape(cfg),
+        "dynamic": cfg.dynamic,
         "head": model.config.head,
         "bytes": out.stat().st_size,
         "verified_max_abs_diff": sidecar.get("verified_max_abs_diff"),
@@ -473,6 +595,7 @@ __all__ = [
     "read_sidecar",
     "prepare_input",
     "postprocess",
-    "default_input_size",
+    "InputSizes",
+    "input_sizes",
     "run_export",
 ]

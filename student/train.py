@@ -344,6 +344,7 @@ def region_indices(proposals: Tensor, num: int, generator: torch.Generator) -> T
 
 
 def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
+    cfg = inherit_anchors(cfg)
     config = DetectorConfig(
         num_classes=len(classes) + 1,
         width=cfg.width,

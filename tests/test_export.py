@@ -19,8 +19,10 @@ from detection.detector import Detector, load_detector, save_detector
 from detection.export import (
     OUTPUT_NAMES,
     ExportConfig,
+    InputSizes,
     _register_symbolics,
     example_input,
+    input_sizes,
     match_outputs,
     onnx_runner,
     postprocess,
@@ -74,14 +76,16 @@ def _runner(fmt: str, path: Path):
 def test_export_reproduces_predict_on_new_images(checkpoints, tmp_path, head, fmt):
     out = tmp_path / f"model.{fmt}"
     summary = run_export(ExportConfig(checkpoint=checkpoints[head], format=fmt, out=out))
-    assert summary["input_shape"] == [1, 3, SIZE, SIZE] and summary["head"] == head
+    # By default the input's height and width are dynamic.
+    assert summary["input_shape"] == [1, 3, "H", "W"] and summary["dynamic"] and summary["head"] == head
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, f"{out.name}.json"])
 
     model, _ = load_detector(checkpoints[head])
     run = _runner(fmt, out)
     counts = []
-    for seed in (5, 6):  # neither is an input the file was traced or verified with
-        x = example_input(SIZE, SIZE, seed=seed)
+    # Neither input is one the file was traced or verified with, and neither size is the traced one.
+    for seed, (h, w) in ((5, (96, 160)), (6, (SIZE, 2 * SIZE))):
+        x = example_input(h, w, seed=seed)
         expected, got = reference_outputs(model, x), run(x.numpy())
         assert set(got) == set(OUTPUT_NAMES)
         assert got["labels"].dtype == np.int64 and got["boxes"].dtype == np.float32
@@ -95,23 +99,113 @@ def test_export_reproduces_predict_on_new_images(checkpoints, tmp_path, head, fm
     side = read_sidecar(out)
     assert side["format"] == fmt and side["head"] == head and side["classes"] == list(CLASSES)
     assert side["preprocess"] == Preprocess(min_size=SIZE, max_size=SIZE).to_dict() and side["input_scale"] == 1.0
-    assert side["input"]["shape"] == [1, 3, SIZE, SIZE]
+    assert side["input"]["shape"] == [1, 3, "H", "W"] and side["input"]["dynamic"] is True
+    assert side["input"]["size_divisor"] == 32 and side["input"]["largest_preprocessed"] == [SIZE, SIZE]
+    assert "ANY height H and width W" in side["input"]["accepts"]
     assert [o["name"] for o in side["outputs"]] == list(OUTPUT_NAMES)
     assert side["postprocess_in_graph"] and "original image" in side["postprocess_remaining"]
     assert side["verified_max_abs_diff"] < 1e-2
+    # min_size == max_size: checked at the square and at one a divisor taller.
+    assert side["verified_sizes"] == [[SIZE, SIZE], [SIZE + 32, SIZE]]
 
 
 def test_scale_mimic_student_takes_half_size_input(tmp_path):
     ckpt = _deployable(tmp_path / "student.pt", "fast-rcnn", upsample=True, input_scale=0.5)
     out = tmp_path / "student.onnx"
     summary = run_export(ExportConfig(checkpoint=ckpt, format="onnx", out=out))
-    # Shorter side 128 at scale 0.5 -> 64, padded to a multiple of 32 * 0.5.
-    assert summary["input_shape"] == [1, 3, 64, 64]
+    assert summary["input_shape"] == [1, 3, "H", "W"]
     side = read_sidecar(out)
     assert side["input_scale"] == 0.5 and side["detector_config"]["upsample"] is True
+    # Sides 128 at scale 0.5 -> 64, padded to multiples of 32 * 0.5.
+    assert side["input"]["size_divisor"] == 16 and side["input"]["largest_preprocessed"] == [64, 64]
+    assert side["verified_sizes"] == [[64, 64], [80, 64]]
     model, _ = load_detector(ckpt)
-    x = example_input(64, 64, seed=3)
-    assert match_outputs(reference_outputs(model, x), onnx_runner(out)(x.numpy()), atol=1e-2) < 1e-2
+    run = onnx_runner(out)
+    for seed, (h, w) in ((3, (64, 64)), (4, (48, 64))):
+        x = example_input(h, w, seed=seed)
+        assert match_outputs(reference_outputs(model, x), run(x.numpy()), atol=1e-2) < 1e-2
+
+
+# --- the default input serves the dataset's own photos ---------------------------------------------------------
+# Photos of a dataset come in every aspect: preprocessing with min_size 96 and max_size 160 gives inputs from
+# 96 x 160 (landscape) to 160 x 96 (portrait), neither of which fits a square of the shorter side.
+PHOTO_PRE = Preprocess(min_size=96, max_size=160)
+PHOTOS = ("raccoon-1.jpg", "raccoon-103.jpg", "raccoon-104.jpg", "raccoon-108.jpg")  # wide, tall, very wide, 5:4
+
+
+@pytest.fixture(scope="module")
+def photo_checkpoint(tmp_path_factory) -> Path:
+    path = _deployable(tmp_path_factory.mktemp("photo") / "fast-rcnn.pt", "fast-rcnn")
+    model, meta = load_detector(path)
+    save_detector(path, model, {**meta, "preprocess": PHOTO_PRE.to_dict()})
+    return path
+
+
+def test_input_sizes_known_answers():
+    pre = {"preprocess": PHOTO_PRE.to_dict()}
+    assert input_sizes(pre) == InputSizes(shorter=96, longest=160, divisor=32)
+    assert input_sizes(pre).check_sizes() == [(96, 160), (160, 96)]
+    half = {"preprocess": Preprocess(min_size=100, max_size=150, size_divisor=32).to_dict(), "input_scale": 0.5}
+    assert input_sizes(half) == InputSizes(shorter=64, longest=80, divisor=16)  # 50 -> 64, 75 -> 80
+    square = {"preprocess": Preprocess(min_size=128, max_size=128).to_dict()}
+    assert input_sizes(square).check_sizes() == [(128, 128), (160, 128)]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_default_export_runs_the_datasets_photos_of_every_aspect(photo_checkpoint, tmp_path, fmt):
+    """prepare_input -> exported file -> postprocess on landscape, portrait and square photos equals predict on the
+    same input mapped back to original pixels; the sidecar says what the file accepts."""
+    from data.images import load_image
+    from data.transforms import prepare
+
+    out = tmp_path / f"photo.{fmt}"
+    summary = run_export(ExportConfig(checkpoint=photo_checkpoint, format=fmt, out=out))
+    assert summary["input_shape"] == [1, 3, "H", "W"]
+    side = read_sidecar(out)
+    accepts = side["input"]["accepts"]
+    assert "ANY height H and width W" in accepts and "shorter side to 96 px" in accepts
+    assert "at most 160 px" in accepts and "multiples of 32" in accepts and "at most 160 x 160" in accepts
+    assert side["verified_sizes"] == [[96, 160], [160, 96]]  # landscape and portrait
+
+    model, _ = load_detector(photo_checkpoint)
+    run = _runner(fmt, out)
+    shapes = set()
+    for name in PHOTOS:
+        image = load_image(RACCOON / "JPEGImages" / name)
+        x, params = prepare_input(image, side)
+        tensor, _, expected_params = prepare(image, np.zeros((0, 4), np.float32), PHOTO_PRE, flip=False)
+        h, w = tensor.shape[-2:]
+        assert params == expected_params
+        # Padded right/bottom to multiples of 32, as the loader pads; at most the largest preprocessed input.
+        assert x.shape == (1, 3, -(-h // 32) * 32, -(-w // 32) * 32) and max(x.shape[2:]) <= 160
+        assert not x[0, :, h:, :].any() and not x[0, :, :, w:].any()
+        shapes.add(x.shape)
+        got = postprocess(run(x), params)
+        expected = postprocess(reference_outputs(model, torch.from_numpy(x)), params)
+        assert len(got["boxes"]) == len(expected["boxes"]) > 0
+        assert got["boxes"][:, 2].max() <= image.shape[1] and got["boxes"][:, 3].max() <= image.shape[0]
+        match_outputs(expected, got, atol=3e-2)  # original pixels are ~3-6x input pixels here
+    assert len(shapes) >= 3  # the photos gave inputs of different shapes, all run by the one file
+
+
+def test_fixed_size_export_says_so_and_onnx_refuses_other_sizes(photo_checkpoint, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    summary = run_export(ExportConfig(checkpoint=photo_checkpoint, format="onnx", out=out, height=96, width=96))
+    assert summary["input_shape"] == [1, 3, 96, 96] and summary["dynamic"] is False
+    side = read_sidecar(out)
+    assert side["input"]["dynamic"] is False and side["verified_sizes"] == [[96, 96], [96, 96]]
+    accepts = side["input"]["accepts"]
+    assert accepts.startswith("Exactly one image [1, 3, 96, 96]") and "exceeds 96 x 96 are refused" in accepts
+    with pytest.raises(Exception, match="(?i)dimension|shape"):  # onnxruntime: the input's size is fixed
+        onnx_runner(out)(example_input(96, 160).numpy())
+    from data.images import load_image
+
+    with pytest.raises(ValueError, match="larger than the exported 96x96"):
+        prepare_input(load_image(RACCOON / "JPEGImages" / "raccoon-1.jpg"), side)
+
+    big = tmp_path / "big.onnx"
+    run_export(ExportConfig(checkpoint=photo_checkpoint, format="onnx", out=big, height=160, width=160, verify=False))
+    assert "Every image of this preprocessing fits" in read_sidecar(big)["input"]["accepts"]
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -220,6 +314,15 @@ def test_prepare_input_pads_and_postprocess_maps_back_to_original_pixels():
     with pytest.raises(ValueError, match="becomes a 64x96 input, larger than the exported 128x64"):
         prepare_input(np.zeros((60, 40, 3), np.uint8), side)
 
+    # A dynamic export takes it, padded right/bottom to multiples of the size divisor only.
+    dynamic = {**side, "input": {"shape": [1, 3, "H", "W"], "size_divisor": 32}}
+    x, params = prepare_input(np.full((60, 40, 3), 255, np.uint8), dynamic)
+    assert x.shape == (1, 3, 96, 64) and (params.out_height, params.out_width) == (96, 64)
+    x, _ = prepare_input(image, dynamic)  # 96 x 64 -> 64 x 96 padded: nothing to add
+    assert x.shape == (1, 3, 64, 96)
+    x, _ = prepare_input(np.zeros((40, 50, 3), np.uint8), dynamic)  # -> 80 x 64 input, padded to 96 wide
+    assert x.shape == (1, 3, 64, 96) and not x[0, :, :, 80:].any()
+
 
 def test_export_config_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="format must be one of onnx, torchscript, got 'tflite'"):
@@ -228,6 +331,8 @@ def test_export_config_rejects_bad_values(tmp_path):
         ExportConfig(checkpoint=tmp_path / "m.pt", format="onnx", out=tmp_path / "m", opset=11)
     with pytest.raises(ValueError, match="height must be a positive number of pixels, got 0"):
         ExportConfig(checkpoint=tmp_path / "m.pt", format="onnx", out=tmp_path / "m", height=0)
+    with pytest.raises(ValueError, match="height and width go together.*got height=96, width=None"):
+        ExportConfig(checkpoint=tmp_path / "m.pt", format="onnx", out=tmp_path / "m", height=96)
 
 
 def test_failed_verification_leaves_nothing(checkpoints, tmp_path):
@@ -247,7 +352,7 @@ def test_cli_export_writes_model_and_sidecar(checkpoints, tmp_path):
     assert result.exit_code == 0, result.output
     assert str(out) in result.output and "rfcn head, input 1x3x96x160" in result.output
     side = json.loads((tmp_path / "student.onnx.json").read_text())
-    assert side["input"]["shape"] == [1, 3, 96, 160] and side["opset"] == 17
+    assert side["input"]["shape"] == [1, 3, 96, 160] and side["opset"] == 17 and side["input"]["dynamic"] is False
     x = example_input(96, 160, seed=9)
     model, _ = load_detector(checkpoints["rfcn"])
     match_outputs(reference_outputs(model, x), onnx_runner(out)(x.numpy()), atol=1e-2)
@@ -266,6 +371,24 @@ def test_cli_help_documents_outputs_and_remaining_postprocessing():
     assert result.exit_code == 0
     for phrase in ("boxes [D,4]", "proposal_scores [R]", "class-wise NMS", "postprocess", "half-size"):
         assert phrase in result.output
+    # What input the file accepts, by default and with a fixed size.
+    flat = " ".join(result.output.split())
+    for phrase in ("by default H and W are dynamic (any size)", "longer side at most max_size",
+                   "multiple of the size divisor", "checked against PyTorch at two sizes",
+                   "With --height and --width together", "larger ones refused", "[default: dynamic height, any size]",
+                   "says exactly what the file accepts"):
+        assert phrase in flat, phrase
+
+
+def test_cli_default_export_is_dynamic(checkpoints, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["export", str(checkpoints["none"]), "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "none head, input 1x3xHxW" in result.output
+    assert read_sidecar(out)["input"]["shape"] == [1, 3, "H", "W"]
+    one = CliRunner().invoke(main, ["export", str(checkpoints["none"]), "--format", "onnx", "--out",
+                                    str(tmp_path / "n.onnx"), "--height", "96"])
+    assert one.exit_code == 1 and "height and width go together" in one.output and "Traceback" not in one.output
 
 
 def _bad(tmp_path: Path, args: list[str]) -> tuple[int, str]:

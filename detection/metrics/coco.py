@@ -112,10 +112,13 @@ class COCOEvaluator:
         """Write the COCO results JSON atomically (temp file in the same folder, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        from detection.checkpoints import follow_umask
+
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.results(), f)
+            follow_umask(tmp)  # mkstemp made it 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,11 @@
 
 Every function takes the curves the evaluators return, writes one PNG atomically (temp name, then rename),
 creating the parent folder, and returns its path.
+
+Units: AP, mAP and other accuracies (recall, LAMR) come in as the fractions (0-1) the evaluators and JSON reports
+store, and are SHOWN in percent, as on the console (:func:`detection.evaluate.format_report`): in legends
+("AP 61.3%") and on the speed-accuracy plot's y axis, whose label states the unit ("mAP (%)"). Curves of
+precision, recall and miss rate against each other keep their 0-1 axes.
 """
 
 from __future__ import annotations
@@ -40,9 +45,12 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"plot path must end in .png, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    from detection.checkpoints import follow_umask
+
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        follow_umask(tmp)  # mkstemp made it 0600
         fig.savefig(tmp, format="png", bbox_inches="tight")
         os.replace(tmp, path)
     except BaseException:
@@ -98,10 +106,11 @@ def plot_pr_curves(
     ap: Mapping[str, float] | None = None,
     title: str = "precision-recall",
 ) -> Path:
-    """Per-class PR curves from ``VOCEvaluator.evaluate()["curves"]``; ``ap`` (e.g. ``AP_area``) goes in the legend."""
+    """Per-class PR curves from ``VOCEvaluator.evaluate()["curves"]``; ``ap`` (e.g. ``AP_area``, fractions) goes
+    in the legend in percent."""
     series = {}
     for name, c in curves.items():
-        label = f"{name} (AP {ap[name]:.3f})" if ap and name in ap and np.isfinite(ap[name]) else name
+        label = f"{name} (AP {100 * ap[name]:.1f}%)" if ap and name in ap and np.isfinite(ap[name]) else name
         series[label] = (c["recall"], c["precision"])
     return plot_lines(series, path, xlabel="recall", ylabel="precision", title=title,
                       xlim=(0.0, 1.0), ylim=(0.0, 1.02))
@@ -148,22 +157,33 @@ def plot_speed_accuracy(
     title: str = "speed vs accuracy",
     logx: bool = False,
 ) -> Path:
-    """Scatter of ``(label, speed, accuracy)`` points; the teacher, if given, drawn as a star with a guide line."""
+    """Scatter of ``(label, speed, accuracy)`` points; the teacher, if given, drawn as a star with a guide line.
+
+    Accuracy (mAP, recall) is a fraction in [0, 1], as reports store it, and is drawn in percent: ``ylabel``
+    names the metric and gets `` (%)`` appended (``"mAP"`` -> ``"mAP (%)"``). A value above 1 is refused, since
+    it is most likely a percentage already."""
     if not points and teacher_point is None:
         raise ValueError("plot_speed_accuracy: no points to draw")
+    for label, _, y in [*points, *([teacher_point] if teacher_point is not None else [])]:
+        if np.isfinite(y) and not 0.0 <= y <= 1.0:
+            raise ValueError(
+                f"plot_speed_accuracy: accuracy must be a fraction in [0, 1] (it is drawn in percent), got {y!r} "
+                f"for {label!r}"
+            )
     fig, ax = _new_axes()
     for label, x, y in points:
-        ax.scatter([x], [y], s=36)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter([x], [100 * y], s=36)
+        ax.annotate(label, (x, 100 * y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if teacher_point is not None:
         label, x, y = teacher_point
+        y = 100 * y
         ax.scatter([x], [y], s=160, marker="*", color="black", zorder=3)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
         ax.axhline(y, color="black", linestyle=":", linewidth=1)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel if "%" in ylabel else f"{ylabel} (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
