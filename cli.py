@@ -151,19 +151,21 @@ def make_data() -> None:
 @click.option("--train", default=2000, show_default=True, type=click.IntRange(min=0), help="Train images.")
 @click.option("--test", default=500, show_default=True, type=click.IntRange(min=0), help="Test images.")
 @click.option("--pool", default=0, show_default=True, type=click.IntRange(min=0), help="Extra (teacher) images.")
+@click.option("--val", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Validation images, for choosing settings (keep test for the final report).")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=64), help="Image side, px.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the generator: the same seed and sizes give byte-identical files.")
 @click.option("--preview", default=0, show_default=True, type=click.IntRange(min=0),
               help="Draw this many train images with boxes under OUT/preview/.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="0: one per core.")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset at OUT made with other parameters.")
-def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, overwrite) -> None:
+def make_data_synthetic(out, train, test, pool, val, size, seed, preview, workers, overwrite) -> None:
     """Built-in dataset: MNIST digits and LFW faces pasted on photo backgrounds (deterministic)."""
     from pathlib import Path
 
     from data.synthetic import SyntheticConfig, ensure_dataset
 
-    ensure_dataset(SyntheticConfig(out=Path(out), train=train, test=test, pool=pool, size=size, seed=seed,
+    ensure_dataset(SyntheticConfig(out=Path(out), train=train, test=test, pool=pool, val=val, size=size, seed=seed,
                                    preview=preview, workers=workers, overwrite=overwrite), echo=click.echo)
 
 
@@ -198,13 +200,16 @@ def make_data_synthetic(out, train, test, pool, size, seed, preview, workers, ov
               help="Student widths, e.g. 1/4,1/2 (default: 1/4; the study: 1/4,1/2).")
 @click.option("--settings", default=None, callback=_subset_of(("same-data", "limited", "limited+pool")),
               help="Settings to run, in this order (default: limited+pool; the study: same-data,limited,limited+pool).")
-@click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant")),
+@click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant", "roi-norm")),
               help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale). "
                    "assistant: RoI mimic of a w=1/2 teacher trained like the teacher (a teacher assistant).")
+@click.option("--report-split", type=click.Choice(["test", "val"]), default="test",
+              help="Split the table scores: test for the final report; val (built-in data, or a --data folder with "
+                   "a val split) to choose settings without reading test (eval-val/, plots-val/, report-val.json).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, control_teacher, seeds,
-         widths, settings, strategies, device, workers) -> None:
+         widths, settings, strategies, report_split, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
@@ -232,7 +237,7 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     run_demo(DemoConfig(out=Path(out), data=Path(data) if data else None, mode=mode or "default", budget=budget,
-                        device=device, workers=workers), echo=click.echo)
+                        device=device, workers=workers, report_split=report_split), echo=click.echo)
 # --- end make-data / demo ---
 
 # --- inspect-store / verify-store (feature store) ---
@@ -321,6 +326,8 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--mimic", type=click.Choice(["roi", "map", "logits", "none"]), default="roi", show_default=True,
               help="roi: paper's RoI feature mimic; map: whole-map L2; logits: head logits only (stage 2); none: from scratch.")
 @click.option("--sampler", type=click.Choice(["roialign", "native"]), default="roialign", show_default=True, help="How regions sample the maps.")
+@click.option("--mimic-norm", type=click.Choice(["none", "channel"]), default="none",
+              help="none: the paper's eq. 5 on the raw teacher map; channel: standardise each teacher channel (mean and std over the store) first, so a few large channels do not dominate the L2.")
 @click.option("--mimic-weight", default=1.0, show_default=True, type=float, help="λ1, weight of the feature mimic loss.")
 @click.option("--logits-weight", default=None, type=float, help="Weight of logits matching (default 0.3 in stage 2 for roi/logits, else 0; chosen on held-out images, README).")
 @click.option("--logits-balance/--no-logits-balance", default=True, show_default=True,
@@ -353,7 +360,7 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
               help="Verify the store's shards first and train without damaged images (reports how many).")
 @click.option("--overwrite", is_flag=True, help="Replace a run at --out made with another configuration (only the run's own files are removed).")
 def train_student_command(store, teacher_weights, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
-                          logits_weight, logits_balance, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
+                          mimic_norm, logits_weight, logits_balance, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
                           aspect_ratios, unlabeled, unlabeled_data, unlabeled_split, unlabeled_fraction, subset, seed,
                           device, workers, eval_every, eval_split, checkpoint_every, skip_corrupt, overwrite) -> None:
     """Train a student detector from a teacher's feature store (the teacher is never loaded), or from several
@@ -365,7 +372,8 @@ def train_student_command(store, teacher_weights, data, split, out, width, stage
     summary = run_train_student(StudentConfig(
         store=store, teacher_weights=teacher_weights or None, data=Path(data), split=split, out=Path(out), width=width,
         stage=stage, init=Path(init) if init else None, head=head, mimic=mimic, sampler=sampler,
-        mimic_weight=mimic_weight, logits_weight=logits_weight, logits_balance=logits_balance, scale_mimic=scale_mimic,
+        mimic_weight=mimic_weight, mimic_norm=mimic_norm, logits_weight=logits_weight, logits_balance=logits_balance,
+        scale_mimic=scale_mimic,
         rois_per_image=rois_per_image, flip=flip, iters=iters,
         batch_size=batch_size, lr=lr, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
         unlabeled=unlabeled or None,

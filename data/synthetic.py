@@ -10,9 +10,10 @@ occlude targets partly and are never labelled. Backgrounds are crops of scikit-i
 or smooth random colour fields, with flips and colour jitter. Boxes are x1y1x2y2 in pixels (0-based, exclusive
 right/bottom edge): the tight extent of the pasted object's mask (alpha > 0.1) before blur.
 
-Splits ``train``, ``test`` and ``pool`` draw from disjoint source instances: each digit class and the LFW
-faces / non-faces are partitioned by index (50% train, 30% pool, 20% test) and every background photo is cut
-into three bands along its long side, one per split. Every pasted instance (target or distractor) and the
+Splits ``train``, ``test``, ``pool`` and ``val`` draw from disjoint source instances: each digit class and the
+LFW faces / non-faces are partitioned by index (50% train, 20% pool, 10% val, 20% test) and every background
+photo is cut into three bands along its long side, one for train, one for test and one that pool (its first two
+thirds) and val (the last third) share out. Every pasted instance (target or distractor) and the
 background band are recorded in the annotation XML (``instance``, ``distractor``, ``source/background``).
 
 Each image is rendered from its own generator seeded by (seed, split, index), so the output does not depend
@@ -42,19 +43,20 @@ from scipy.ndimage import gaussian_filter
 
 from data.voc_writer import VocExtra, VocObject, annotation_xml, write_annotation, write_image_set
 
-VERSION = 1
+# 2: a val split (source instances taken from the end of the pool's share, so pool images differ from 1).
+VERSION = 2
 CLASSES: tuple[str, ...] = ("face", "four", "seven", "zero")  # sorted, as read_voc discovers them
 TARGET_DIGITS: dict[str, int] = {"zero": 0, "four": 4, "seven": 7}
 DISTRACTOR_DIGITS: tuple[int, ...] = (1, 2, 3, 5, 6, 8, 9)
-SPLITS: tuple[str, ...] = ("train", "test", "pool")
+SPLITS: tuple[str, ...] = ("train", "test", "pool", "val")
 MIN_SCALE, MAX_SCALE = 12.0, 120.0  # sqrt(w*h) of a pasted object's box, px
 JPEG_QUALITY = 90
 META_FILE = "synthetic.json"
 _GENERATED = frozenset({META_FILE, "JPEGImages", "Annotations", "ImageSets", "preview"})  # top level of a dataset
 
-_SPLIT_CODE = {"train": 1, "test": 2, "pool": 3}
+_SPLIT_CODE = {"train": 1, "test": 2, "pool": 3, "val": 4}
 # Fractions of every source's instances per split; fixed, so the train split does not change with --pool.
-_SOURCE_RANGE = {"train": (0.0, 0.5), "pool": (0.5, 0.8), "test": (0.8, 1.0)}
+_SOURCE_RANGE = {"train": (0.0, 0.5), "pool": (0.5, 0.7), "val": (0.7, 0.8), "test": (0.8, 1.0)}
 _PARTITION_SEED = 2017  # fixed: which source instance belongs to which split is part of VERSION
 # Photos and textures that load offline and contain no human face (astronaut and camera do, so they are out).
 _BACKGROUNDS = ("coffee", "rocket", "chelsea", "hubble_deep_field", "immunohistochemistry", "brick", "grass",
@@ -69,6 +71,7 @@ class SyntheticConfig:
     train: int = 2000
     test: int = 500
     pool: int = 0
+    val: int = 0  # held-out images for choosing settings (test is for the final report)
     size: int = 256
     seed: int = 0
     preview: int = 0  # number of train images drawn with their boxes under out/preview/
@@ -77,16 +80,16 @@ class SyntheticConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("train", "test", "pool", "preview", "workers"):
+        for name in ("train", "test", "pool", "val", "preview", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SyntheticConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.train + self.test + self.pool == 0:
-            raise ValueError("SyntheticConfig: train + test + pool must be > 0")
+        if self.train + self.test + self.pool + self.val == 0:
+            raise ValueError("SyntheticConfig: train + test + pool + val must be > 0")
         if self.size < 64:
             raise ValueError(f"SyntheticConfig.size must be >= 64 px, got {self.size}")
 
     def counts(self) -> dict[str, int]:
-        return {"train": self.train, "test": self.test, "pool": self.pool}
+        return {"train": self.train, "test": self.test, "pool": self.pool, "val": self.val}
 
     def identity(self) -> dict:
         """What determines the files: equal identities give identical datasets."""
@@ -168,11 +171,17 @@ def load_sources() -> dict[str, SplitSources]:
         bands = []
         for i, (name, img) in enumerate(photos):
             # Three equal bands along the long side; which band goes to which split rotates with the photo.
-            band = (SPLITS.index(split) + i) % 3
+            # Pool and val share the third: pool its first two thirds, val the rest.
+            band = (min(SPLITS.index(split), 2) + i) % 3
             axis = 1 if img.shape[1] >= img.shape[0] else 0
             edges = np.linspace(0, img.shape[axis], 4).round().astype(int)
-            part = img[:, edges[band]:edges[band + 1]] if axis == 1 else img[edges[band]:edges[band + 1]]
-            bands.append((f"{name}#{band}", Image.fromarray(np.ascontiguousarray(part))))
+            lo, hi, band_id = int(edges[band]), int(edges[band + 1]), f"{name}#{band}"
+            if split in ("pool", "val"):
+                cut = lo + round((hi - lo) * 2 / 3)
+                lo, hi = (lo, cut) if split == "pool" else (cut, hi)
+                band_id += ".0" if split == "pool" else ".1"
+            part = img[:, lo:hi] if axis == 1 else img[lo:hi]
+            bands.append((band_id, Image.fromarray(np.ascontiguousarray(part))))
         out[split] = SplitSources(
             digits={d: _frozen(mnist[ids]) for d, ids in digit_ids.items()},
             digit_ids=digit_ids,

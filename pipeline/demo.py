@@ -51,6 +51,7 @@ class Budget:
     train: int = 150  # built-in labelled split
     pool: int = 1000  # built-in teacher pool (also the unlabelled images: about what 250 student iterations mimic)
     test: int = 300
+    val: int = 300  # built-in held-out split: settings are chosen on it (``--report-split val``), test reports
     min_size: int = 192  # preprocessing: shorter side
     max_size: int = 320
     labelled: int = 150  # labelled images a student gets (limited settings)
@@ -84,7 +85,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "quick": Budget(size=128, train=24, pool=48, test=24, min_size=128, max_size=128, labelled=16,
+    "quick": Budget(size=128, train=24, pool=48, test=24, val=16, min_size=128, max_size=128, labelled=16,
                     teacher_width=0.25, teacher_iters=20, widths=(0.125,), student_iters=12, stage2_iters=8,
                     batch_size=4, eval_every=6, eval_images=24, rois_per_image=16, anchor_sizes=(16, 32, 64),
                     second_teacher_width=0.125,
@@ -115,10 +116,15 @@ class DemoConfig:
     device: str = "auto"
     workers: int = 2
     progress: bool = True
+    # "test": the final report; "val": the same table on the validation split, for choosing settings (its own
+    # eval-val/, plots-val/ and report-val.json, so the test figures are read only once per configuration).
+    report_split: str = "test"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"demo mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.report_split not in ("test", "val"):
+            raise ValueError(f"--report-split must be test or val, got {self.report_split!r}")
 
     @property
     def plan(self) -> Budget:
@@ -133,6 +139,9 @@ class Demo:
         self.cfg, self.b, self.echo = cfg, cfg.plan, echo
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        split = cfg.report_split
+        self.eval_dir = self.out / ("eval" if split == "test" else f"eval-{split}")
+        self.report_name = "report.json" if split == "test" else f"report-{split}.json"
         # Seconds per stage, kept in the run folder so a resumed run still reports what earlier runs spent.
         self._timings_path = self.out / "timings.json"
         self.timings: dict[str, float] = (json.loads(self._timings_path.read_text())
@@ -166,7 +175,7 @@ class Demo:
 
         root = self.out / "data"
         b = self.b
-        ensure_dataset(SyntheticConfig(out=root, train=b.train, test=b.test, pool=b.pool, size=b.size,
+        ensure_dataset(SyntheticConfig(out=root, train=b.train, test=b.test, pool=b.pool, val=b.val, size=b.size,
                                        progress=self.cfg.progress), echo=self.echo)
         return root
 
@@ -175,8 +184,11 @@ class Demo:
         without a pool: the teacher trains on all of ``train``; students get a labelled subset of it and mimic
         the rest (the teacher's records on all of ``train``)."""
         has_pool = (root / "ImageSets" / "Main" / "pool.txt").exists()
+        has_val = (root / "ImageSets" / "Main" / "val.txt").exists()
         return {"teacher": "pool" if has_pool else "train", "labelled": "train",
-                "unlabelled": "pool" if has_pool else "train", "test": "test"}
+                "unlabelled": "pool" if has_pool else "train", "test": "test",
+                # Training curves (a choice-making view) read val where there is one, the test split otherwise.
+                "curves": "val" if has_val else "test", "report": self.cfg.report_split}
 
     # -- teacher and stores
 
@@ -214,18 +226,19 @@ class Demo:
     def student(self, name: str, *, root: Path, store: str | tuple[str, ...], split: str, width: float, stage: int,
                 mimic: str, seed: int, labelled: int | None, init: Path | None = None,
                 unlabeled: str | tuple[str, ...] | None = None,
-                unlabeled_split: str | None = None, scale: bool = False) -> Path:
+                unlabeled_split: str | None = None, scale: bool = False, mimic_norm: str = "none",
+                curves_split: str = "test") -> Path:
         from student.train import StudentConfig, run_train_student
 
         b, run = self.b, self.out / "students" / name
         cfg = StudentConfig(
             store=store, data=root, split=split, out=run, width=width, stage=stage, init=init, mimic=mimic,
-            scale_mimic=scale, iters=b.student_iters if stage == 1 else b.stage2_iters, batch_size=b.batch_size,
+            mimic_norm=mimic_norm if mimic != "none" else "none", scale_mimic=scale, iters=b.student_iters if stage == 1 else b.stage2_iters, batch_size=b.batch_size,
             lr=b.student_lr, rois_per_image=b.rois_per_image, anchor_sizes=b.anchor_sizes, unlabeled=unlabeled,
             unlabeled_data=root if unlabeled else None, unlabeled_split=unlabeled_split or "train",
             unlabeled_fraction=b.unlabeled_fraction, subset=labelled, subset_seed=seed, seed=seed,
             device=self.cfg.device, workers=min(1, self.cfg.workers), progress=self.cfg.progress,
-            eval_every=b.eval_every if stage == 1 else 0, eval_split="test" if stage == 1 else None,
+            eval_every=b.eval_every if stage == 1 else 0, eval_split=curves_split if stage == 1 else None,
             eval_max_images=b.eval_images, checkpoint_every=max(10, b.student_iters // 4),
         )
         tag, stale = (_older_logits_match(run) if stage == 2 and mimic != "none" else None) or (None, None)
@@ -237,7 +250,7 @@ class Demo:
                 k += 1
                 old = run.with_name(f"{run.name}.{tag}-{k}")
             run.rename(old)
-            score = self.out / "eval" / f"{name}.json"
+            score = self.eval_dir / f"{name}.json"
             if score.exists():
                 score.rename(old / "eval.json")
             stale += f"; training it again (the old run is kept in {old})"
@@ -252,11 +265,11 @@ class Demo:
         from detection.evaluate import evaluate_model, report_json
         from detection.metrics import to_jsonable
 
-        path = self.out / "eval" / f"{name}.json"
+        path = self.eval_dir / f"{name}.json"
 
         def work() -> None:
             model, meta = load_detector(model_path)
-            test = load_dataset(root, "test", classes=meta.get("classes"))
+            test = load_dataset(root, self.cfg.report_split, classes=meta.get("classes"))
             metrics = ("recall", "voc", "coco") if detection else ("recall",)
             report = evaluate_model(model, meta, test, metrics=metrics, device=self.cfg.device, profile=True,
                                     progress=self.cfg.progress, name=name, keep_hits=True)
@@ -303,6 +316,9 @@ class Demo:
         self.claim_budget()
         root = self.data_root()
         parts = self.splits(root)
+        if self.cfg.report_split == "val" and parts["curves"] != "val":
+            raise ValueError(f"{root}: no val split (ImageSets/Main/val.txt) to report on; add one or use the test "
+                             "split (--report-split test)")
         teacher = self.teacher(root, parts["teacher"])
         stores = {s: self.store(teacher, root, s) for s in {parts["labelled"], parts["unlabelled"]}}
         rows: list[dict] = []
@@ -332,13 +348,16 @@ class Demo:
         rows = []
         for strategy in b.strategies:
             tag = f"{setting}-w{_w(width)}-s{seed}-{_RUN_TAGS.get(strategy, strategy)}"
-            mimic = {"none": "none", "roi": "roi", "map": "map", "scale": "roi", "assistant": "roi"}[strategy]
+            mimic = {"none": "none", "roi": "roi", "map": "map", "scale": "roi", "assistant": "roi",
+                     "roi-norm": "roi"}[strategy]
+            norm = "channel" if strategy == "roi-norm" else "none"
             store, unl = own_store, own_unl
             if strategy == "assistant":
                 store, unl = self._assistant_stores(root, parts, split, pool=unl is not None)
             s1 = self.student(f"{tag}-stage1", root=root, store=store, split=split, width=width, stage=1,
                               mimic=mimic, seed=seed, labelled=labelled, unlabeled=unl if mimic != "none" else None,
-                              unlabeled_split=parts["unlabelled"], scale=strategy == "scale")
+                              unlabeled_split=parts["unlabelled"], scale=strategy == "scale", mimic_norm=norm,
+                              curves_split=parts.get("curves", "test"))
             ev1 = self.evaluate(f"{tag}-stage1", s1, root, detection=False)
             used = [store] + ([unl] if unl and mimic != "none" else [])
             rows.append(_row(strategy, setting, seed, width, 1, ev1, run=self.out / "students" / f"{tag}-stage1")
@@ -349,7 +368,7 @@ class Demo:
             s2 = self.student(f"{tag}-stage2", root=root, store=store, split=split, width=width, stage=2,
                               mimic=mimic2, seed=seed, labelled=labelled, init=s1,
                               unlabeled=unl if mimic2 != "none" else None, unlabeled_split=parts["unlabelled"],
-                              scale=strategy == "scale")
+                              scale=strategy == "scale", mimic_norm=norm)
             ev2 = self.evaluate(f"{tag}-stage2", s2, root, detection=True)
             name2 = "scratch" if strategy == "none" else f"{strategy} + two-stage"
             rows.append(_row(name2, setting, seed, width, 2, ev2)
@@ -485,7 +504,7 @@ class Demo:
             "timings_s": self.timings,
             "environment": _environment(),
         }
-        _write_json(self.out / "report.json", report)
+        _write_json(self.out / self.report_name, report)
         self.plots(rows)
         self.echo(format_table(report))
         return report
@@ -510,12 +529,12 @@ class Demo:
     def plots(self, rows: list[dict]) -> None:
         from detection.metrics import plots
 
-        folder = self.out / "plots"
+        folder = self.out / ("plots" if self.cfg.report_split == "test" else f"plots-{self.cfg.report_split}")
         folder.mkdir(parents=True, exist_ok=True)
         curves = {}
         for r in rows:
             if r["stage"] == 1 or r["strategy"] in TEACHER_ROWS:
-                ev = json.loads((self.out / "eval" / f"{r['eval_name']}.json").read_text())
+                ev = json.loads((self.eval_dir / f"{r['eval_name']}.json").read_text())
                 rc = ev.get("recall_curves")
                 if rc:
                     curves[r["label"]] = {k: np.asarray(v, float) for k, v in rc.items()}

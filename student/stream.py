@@ -314,6 +314,26 @@ def make_mimic_loader(
     )
 
 
+def channel_stats(store: StoreReader, *, max_images: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (``float32[Ct]`` each) of the teacher's feature cells over up to
+    ``max_images`` images spread evenly through ``store`` (unflipped). Deterministic: the same images every run."""
+    n = len(store)
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
+    total = sq = None
+    cells = 0
+    for i in picks:
+        f = _read_checked(store, int(i), False, names=("features",)).features.astype(np.float64)
+        f = f.reshape(f.shape[0], -1)
+        total = f.sum(1) if total is None else total + f.sum(1)
+        sq = (f * f).sum(1) if sq is None else sq + (f * f).sum(1)
+        cells += f.shape[1]
+    mean = total / cells
+    std = np.sqrt(np.maximum(sq / cells - mean * mean, 0.0))
+    # A channel that never varies carries no signal; 1 keeps it at its centred value instead of dividing by 0.
+    std = np.where(std > 1e-6 * max(float(std.max()), 1e-12), std, 1.0)
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
 def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | None = None) -> StoreReader:
     """Open a store, check it was made from ``dataset`` by `data.featurestore.check_dataset`, the rule
     `mimic verify-store --data` applies (every image id present; when it holds exactly those images, the digest of

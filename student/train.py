@@ -58,12 +58,13 @@ from detection.trainer import (
     clear_run_files,
 )
 from student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss
-from student.stream import MimicImages, MixedSampler, check_source, make_mimic_loader, open_source
+from student.stream import MimicImages, MixedSampler, channel_stats, check_source, make_mimic_loader, open_source
 
 CONFIG_NAME = "student_config.json"  # the run identity a rerun is compared with
 
 STRATEGIES = ("roi", "map", "logits", "none")
 SAMPLERS = ("roialign", "native")
+MIMIC_NORMS = ("none", "channel")
 
 # Stage-2 logits-match weight for "roi"/"logits" students. Chosen on held-out images in three settings (README,
 # "Picking the logits-match weight"): at 1.0 the match dragged a strong teacher's 1/4 student's backbone off its
@@ -112,6 +113,9 @@ class StudentConfig:
     mimic: str = "roi"
     sampler: str = "roialign"
     mimic_weight: float = 1.0
+    # "channel": standardise each teacher channel (store mean and std) before eq. 5, so no few large channels
+    # dominate the L2; "none": the paper's eq. 5 on the raw map.
+    mimic_norm: str = "none"
     # None: DEFAULT_LOGITS_WEIGHT for stage-2 "roi"/"logits", else 0; resolved on construction, so a run's
     # student_config.json records the weight it trained with.
     logits_weight: float | None = None
@@ -191,6 +195,8 @@ class StudentConfig:
             object.__setattr__(self, "unlabeled", None if not unl else unl[0] if len(unl) == 1 else unl)
         if self.mimic not in STRATEGIES:
             raise ValueError(f"--mimic must be one of {', '.join(STRATEGIES)}, got {self.mimic!r}")
+        if self.mimic_norm not in MIMIC_NORMS:
+            raise ValueError(f"--mimic-norm must be one of {', '.join(MIMIC_NORMS)}, got {self.mimic_norm!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.stage not in (1, 2):
@@ -256,6 +262,8 @@ class StudentConfig:
         d = asdict(self)
         if d["teacher_weights"] is None:  # the default; left out so one-teacher configs read as they always have
             del d["teacher_weights"]
+        if d["mimic_norm"] == "none":  # likewise: run folders made before the option keep their identity
+            del d["mimic_norm"]
         return json.loads(json.dumps(d, default=str))
 
 
@@ -273,6 +281,8 @@ class StudentModel(nn.Module):
         self.more_transforms = nn.ModuleList(more_transforms)
         self.cfg = config
         self.teacher_stride = teacher_stride
+        # Per teacher: (mean, std) per channel for --mimic-norm channel (recomputed from the store each run).
+        self.teacher_stats: list[tuple[Tensor, Tensor]] = []
 
     def forward(self, mb) -> dict[str, Tensor]:
         cfg, det, b = self.cfg, self.detector, mb.batch
@@ -293,6 +303,9 @@ class StudentModel(nn.Module):
             teachers = [(mb.teacher_features, mb.teacher_hw, self.transform)]
             teachers += zip(mb.more_teacher_features, mb.more_teacher_hw, self.more_transforms)
             for k, (teacher_map, teacher_hw, transform) in enumerate(teachers):
+                if self.teacher_stats:
+                    mean, std = (t.to(teacher_map.device)[:, None, None] for t in self.teacher_stats[k])
+                    teacher_map = (teacher_map - mean) / std  # padding cells change too, but never count
                 losses[mimic_loss_name(k)] = self._feature_mimic(student_map, teacher_map, teacher_hw, rois, transform)
         if cfg.logits_weight > 0 and det.config.head != "none":
             scale = cfg.input_scale
@@ -524,6 +537,8 @@ def run_train_student(cfg: StudentConfig) -> dict:
         for m in more_stores
     ]
     model = StudentModel(student, transform, cfg, manifest.stride, more_transforms)
+    if cfg.mimic_norm == "channel" and cfg.feature_mimic:
+        model.teacher_stats = [channel_stats(reader) for reader in (store, *more_stores)]
 
     meta = _student_meta(cfg, dataset, manifest, pre)
     if more_stores:

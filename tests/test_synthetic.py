@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny(out: Path, **kw) -> SyntheticConfig:
-    args = dict(out=out, train=12, test=4, pool=4, size=128, seed=3, workers=1, progress=False)
+    args = dict(out=out, train=12, test=4, pool=4, val=4, size=128, seed=3, workers=1, progress=False)
     return SyntheticConfig(**{**args, **kw})
 
 
@@ -52,8 +52,8 @@ def _instances(xml: Path) -> tuple[list[str], list[str], str]:
 
 def test_same_seed_gives_identical_files_whatever_the_worker_count(tmp_path):
     # 64 images so that workers=2 really starts two processes.
-    a = ensure_dataset(_tiny(tmp_path / "a", train=40, test=16, pool=8, workers=1), echo=lambda s: None)
-    b = ensure_dataset(_tiny(tmp_path / "b", train=40, test=16, pool=8, workers=2), echo=lambda s: None)
+    a = ensure_dataset(_tiny(tmp_path / "a", train=40, test=16, pool=8, val=0, workers=1), echo=lambda s: None)
+    b = ensure_dataset(_tiny(tmp_path / "b", train=40, test=16, pool=8, val=0, workers=2), echo=lambda s: None)
     fa, fb = _files(a), _files(b)
     assert len([k for k in fa if k.startswith("JPEGImages")]) == 64
     assert fa.keys() == fb.keys()
@@ -89,7 +89,9 @@ def test_splits_use_disjoint_source_instances(tiny):
             assert {x for x in distractors if "#" in x} <= allowed[split][1]
             assert {b for b in background.split("+") if b != "field"} <= allowed[split][1]
             used[split] |= set(targets + distractors)
-    assert not used["train"] & used["test"] and not used["train"] & used["pool"] and not used["test"] & used["pool"]
+    for i, s in enumerate(SPLITS):
+        for t in SPLITS[i + 1:]:
+            assert not used[s] & used[t], (s, t)
 
 
 @pytest.fixture(scope="module")
