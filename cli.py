@@ -76,6 +76,11 @@ def main(verbose: bool) -> None:
     """
     if verbose:
         os.environ[DEBUG_ENV] = "1"
+    if not os.environ.get(DEBUG_ENV):
+        import warnings
+
+        # Warnings are messages to the user: one line each, without the source location.
+        warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
 
 
 # Option parsers shared by several commands.
@@ -203,13 +208,18 @@ def make_data_synthetic(out, train, test, pool, val, size, seed, preview, worker
 @click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant", "roi-norm")),
               help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale). "
                    "assistant: RoI mimic of a w=1/2 teacher trained like the teacher (a teacher assistant).")
+@click.option("--min-size", type=click.IntRange(min=32), default=None,
+              help="Input shorter side, px, for teacher and students (default 192; real photos with small objects "
+                   "want about their native size).")
+@click.option("--max-size", type=click.IntRange(min=32), default=None,
+              help="Input longer side cap, px (default 320).")
 @click.option("--report-split", type=click.Choice(["test", "val"]), default="test",
               help="Split the table scores: test for the final report; val (built-in data, or a --data folder with "
                    "a val split) to choose settings without reading test (eval-val/, plots-val/, report-val.json).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, control_teacher, seeds,
-         widths, settings, strategies, report_split, device, workers) -> None:
+         widths, settings, strategies, min_size, max_size, report_split, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
@@ -232,7 +242,7 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
                                  "same-data it would be the teacher itself", param_hint="--control-teacher")
     overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes,
                  "seeds": seeds, "extras": extras, "control_teacher": control_teacher, "widths": widths,
-                 "settings": settings, "strategies": strategies}
+                 "settings": settings, "strategies": strategies, "min_size": min_size, "max_size": max_size}
     if student_iters:
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})

@@ -8,17 +8,51 @@ Object size is sqrt(w·h) of a box in pixels of the stored image, bucketed as <1
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from data.records import Dataset
 
+if TYPE_CHECKING:
+    from data.transforms import Preprocess
+
 SIZE_EDGES = (16, 32, 64, 128)
 SIZE_BUCKETS = ("<16", "16-32", "32-64", "64-128", ">=128")
 SMALL = 32
 _PALETTE = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220),
             (255, 128, 0), (160, 160, 160))
+
+
+def input_box_sizes(dataset: Dataset, pre: "Preprocess", *, scale: float = 1.0) -> np.ndarray:
+    """float64[B]: sqrt(w*h) of every labelled box in the network's input pixels (after ``pre``'s resize and
+    the input ``scale``), in record order."""
+    from data.transforms import resize_params
+
+    sizes = [np.zeros(0)]
+    for r in dataset.records:
+        if len(r.boxes):
+            b = r.boxes.astype(np.float64)
+            side = np.sqrt(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None))
+            sizes.append(side * resize_params(r.width, r.height, pre, scale=scale).scale)
+    return np.concatenate(sizes)
+
+
+def small_object_warning(dataset: Dataset, pre: "Preprocess", stride: int, *, scale: float = 1.0) -> str | None:
+    """A one-line warning when most labelled boxes are under two feature cells (``2·stride`` input pixels) after
+    resizing: there a region's pooled teacher features are mostly interpolation between one or two cells, and
+    the detector itself struggles. None otherwise."""
+    sizes = input_box_sizes(dataset, pre, scale=scale)
+    if not len(sizes):
+        return None
+    share = float((sizes < 2 * stride).mean())
+    if share <= 0.5:
+        return None
+    return (f"{100 * share:.0f}% of the {len(sizes)} labelled boxes of {dataset.name}/{dataset.split} are under "
+            f"{2 * stride} px (two cells of the stride-{stride} map) at the network's input (median "
+            f"{float(np.median(sizes)):.0f} px): feature mimic samples little more than one cell per object there; "
+            "a larger input (the teacher's --min-size/--max-size) gives the objects more cells")
 
 
 def box_sizes(dataset: Dataset) -> np.ndarray:

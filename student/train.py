@@ -43,6 +43,7 @@ from data.errors import StoreError
 from data.featurestore import StoreReader, open_store
 from data.loader import DetectionImages, mix_seeds
 from data.paths import check_output_apart
+from data.summary import small_object_warning
 from data.records import Dataset
 from data.transforms import Preprocess
 from detection.checkpoints import file_sha256
@@ -550,6 +551,9 @@ def run_train_student(cfg: StudentConfig) -> dict:
         hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
     # Built once here so a batch composition it refuses is refused before the run folder is touched.
     MixedSampler(len(dataset), n_unl, cfg.batch_size, unlabelled_fraction=cfg.unlabeled_fraction, seed=cfg.seed)
+    small = small_object_warning(dataset, pre, manifest.stride, scale=cfg.input_scale)
+    if small:
+        warnings.warn(small, stacklevel=2)
     if skipped:
         shown = ", ".join(repr(k.image_id) for k in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
         warnings.warn(f"--skip-corrupt: left out {len(skipped)} damaged image(s): {shown}", stacklevel=2)

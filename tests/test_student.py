@@ -210,3 +210,43 @@ def test_torchrun_two_processes_agree_with_one(setup, tmp_path):
         return sum(float((x - y).detach().pow(2).sum()) for x, y in zip(a.parameters(), b.parameters())) ** 0.5
 
     assert dist(ddp, one) < 0.25 * dist(other, one), (dist(ddp, one), dist(other, one))
+
+
+def test_channel_stats_are_the_mean_and_std_of_the_stored_cells(setup):
+    import numpy as np
+
+    from data.featurestore import open_store
+    from student.stream import channel_stats
+
+    store = open_store(str(setup / "store"))
+    mean, std = channel_stats(store)
+    cells = np.concatenate([store.read(i).features.reshape(store.manifest.channels, -1) for i in range(len(store))], 1)
+    np.testing.assert_allclose(mean.numpy(), cells.mean(1), rtol=1e-4, atol=1e-5)
+    # A channel that never varies (dead ReLU) gets std 1: centred, not divided by zero.
+    want = np.where(cells.std(1) > 1e-6 * cells.std(1).max(), cells.std(1), 1.0)
+    assert (want == 1.0).any()
+    np.testing.assert_allclose(std.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_mimic_norm_channel_targets_unit_variance(setup):
+    """Before any update r maps the student to about zero, so the first loss is about half the target's
+    variance: 1/2 with standardised channels, the raw map's own (far from 1/2) without."""
+    runs = {norm: setup / f"s1-norm-{norm}" for norm in ("none", "channel")}
+    for norm, run in runs.items():
+        run_train_student(_cfg(setup, run.name, iters=1, lr=1e-6, mimic_norm=norm))
+    first = {norm: _losses(run)[0]["loss_mimic"] for norm, run in runs.items()}
+    assert first["channel"] == pytest.approx(0.5, rel=0.35)
+    assert abs(first["none"] - 0.5) > 0.2
+    config = json.loads((runs["channel"] / "student_config.json").read_text())
+    assert config["mimic_norm"] == "channel"
+    assert "mimic_norm" not in json.loads((runs["none"] / "student_config.json").read_text())
+
+
+def test_most_boxes_under_two_cells_get_a_one_line_warning(setup, tmp_path):
+    args = ["train-student", "--store", str(setup / "store"), "--data", str(setup / "voc"), "--out",
+            str(tmp_path / "run"), "--iters", "1", "--width", "1/8", "--batch-size", "2", "--workers", "0",
+            "--anchor-sizes", "16,32"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1 and "of the 12 labelled boxes of voc/train are under 32 px" in lines[0]
