@@ -205,9 +205,11 @@ def make_data_synthetic(out, train, test, pool, val, size, seed, preview, worker
               help="Student widths, e.g. 1/4,1/2 (default: 1/4; the study: 1/4,1/2).")
 @click.option("--settings", default=None, callback=_subset_of(("same-data", "limited", "limited+pool")),
               help="Settings to run, in this order (default: limited+pool; the study: same-data,limited,limited+pool).")
-@click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant", "roi-norm")),
+@click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant", "roi-norm", "roi-lab2")),
               help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale). "
-                   "assistant: RoI mimic of a w=1/2 teacher trained like the teacher (a teacher assistant).")
+                   "assistant: RoI mimic of a w=1/2 teacher trained like the teacher (a teacher assistant); roi-norm: "
+                   "RoI mimic of per-channel standardised teacher features (--mimic-norm channel); roi-lab2: the RoI "
+                   "student, then a stage 2 on labelled images only (no unlabelled half in its batches).")
 @click.option("--min-size", type=click.IntRange(min=32), default=None,
               help="Input shorter side, px, for teacher and students (default 192; real photos with small objects "
                    "want about their native size).")

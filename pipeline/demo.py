@@ -349,26 +349,30 @@ class Demo:
         for strategy in b.strategies:
             tag = f"{setting}-w{_w(width)}-s{seed}-{_RUN_TAGS.get(strategy, strategy)}"
             mimic = {"none": "none", "roi": "roi", "map": "map", "scale": "roi", "assistant": "roi",
-                     "roi-norm": "roi"}[strategy]
+                     "roi-norm": "roi", "roi-lab2": "roi"}[strategy]
             norm = "channel" if strategy == "roi-norm" else "none"
             store, unl = own_store, own_unl
             if strategy == "assistant":
                 store, unl = self._assistant_stores(root, parts, split, pool=unl is not None)
-            s1 = self.student(f"{tag}-stage1", root=root, store=store, split=split, width=width, stage=1,
+            # roi-lab2: the RoI-mimic stage-1 student (the same run as "roi"), then a stage 2 on labelled images only.
+            s1_tag = tag.removesuffix("-roi-lab2") + "-roi" if strategy == "roi-lab2" else tag
+            s1 = self.student(f"{s1_tag}-stage1", root=root, store=store, split=split, width=width, stage=1,
                               mimic=mimic, seed=seed, labelled=labelled, unlabeled=unl if mimic != "none" else None,
                               unlabeled_split=parts["unlabelled"], scale=strategy == "scale", mimic_norm=norm,
                               curves_split=parts.get("curves", "test"))
-            ev1 = self.evaluate(f"{tag}-stage1", s1, root, detection=False)
+            ev1 = self.evaluate(f"{s1_tag}-stage1", s1, root, detection=False)
             used = [store] + ([unl] if unl and mimic != "none" else [])
-            rows.append(_row(strategy, setting, seed, width, 1, ev1, run=self.out / "students" / f"{tag}-stage1")
-                        | {"model_path": str(s1), "input_scale": 0.5 if strategy == "scale" else 1.0}
-                        | ({"store_mb": sum(_folder_bytes(Path(u)) for u in used) / 2**20} if mimic != "none" else {}))
+            if strategy != "roi-lab2":  # its stage 1 is the roi row
+                rows.append(_row(strategy, setting, seed, width, 1, ev1, run=self.out / "students" / f"{tag}-stage1")
+                            | {"model_path": str(s1), "input_scale": 0.5 if strategy == "scale" else 1.0}
+                            | ({"store_mb": sum(_folder_bytes(Path(u)) for u in used) / 2**20}
+                               if mimic != "none" else {}))
             # Stage 2: the full detector from stage 1; mimic students add two-stage (logits) mimic.
             mimic2 = "none" if strategy == "none" else "roi"
             s2 = self.student(f"{tag}-stage2", root=root, store=store, split=split, width=width, stage=2,
                               mimic=mimic2, seed=seed, labelled=labelled, init=s1,
-                              unlabeled=unl if mimic2 != "none" else None, unlabeled_split=parts["unlabelled"],
-                              scale=strategy == "scale", mimic_norm=norm)
+                              unlabeled=unl if mimic2 != "none" and strategy != "roi-lab2" else None,
+                              unlabeled_split=parts["unlabelled"], scale=strategy == "scale", mimic_norm=norm)
             ev2 = self.evaluate(f"{tag}-stage2", s2, root, detection=True)
             name2 = "scratch" if strategy == "none" else f"{strategy} + two-stage"
             rows.append(_row(name2, setting, seed, width, 2, ev2)
