@@ -158,19 +158,22 @@ def make_data() -> None:
 @click.option("--pool", default=0, show_default=True, type=click.IntRange(min=0), help="Extra (teacher) images.")
 @click.option("--val", default=0, show_default=True, type=click.IntRange(min=0),
               help="Validation images, for choosing settings (keep test for the final report).")
+@click.option("--min-object", default=12.0, show_default=True, type=click.FloatRange(12, 90),
+              help="Smallest pasted object, sqrt(w*h) px (objects are log-uniform from here to 120 px).")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=64), help="Image side, px.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the generator: the same seed and sizes give byte-identical files.")
 @click.option("--preview", default=0, show_default=True, type=click.IntRange(min=0),
               help="Draw this many train images with boxes under OUT/preview/.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="0: one per core.")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset at OUT made with other parameters.")
-def make_data_synthetic(out, train, test, pool, val, size, seed, preview, workers, overwrite) -> None:
+def make_data_synthetic(out, train, test, pool, val, min_object, size, seed, preview, workers, overwrite) -> None:
     """Built-in dataset: MNIST digits and LFW faces pasted on photo backgrounds (deterministic)."""
     from pathlib import Path
 
     from data.synthetic import SyntheticConfig, ensure_dataset
 
-    ensure_dataset(SyntheticConfig(out=Path(out), train=train, test=test, pool=pool, val=val, size=size, seed=seed,
+    ensure_dataset(SyntheticConfig(out=Path(out), train=train, test=test, pool=pool, val=val, min_object=min_object,
+                                   size=size, seed=seed,
                                    preview=preview, workers=workers, overwrite=overwrite), echo=click.echo)
 
 
@@ -215,13 +218,15 @@ def make_data_synthetic(out, train, test, pool, val, size, seed, preview, worker
                    "want about their native size).")
 @click.option("--max-size", type=click.IntRange(min=32), default=None,
               help="Input longer side cap, px (default 320).")
+@click.option("--min-object", type=click.FloatRange(12, 90), default=None,
+              help="Built-in dataset only: smallest pasted object, sqrt(w*h) px (default 12).")
 @click.option("--report-split", type=click.Choice(["test", "val"]), default="test",
               help="Split the table scores: test for the final report; val (built-in data, or a --data folder with "
                    "a val split) to choose settings without reading test (eval-val/, plots-val/, report-val.json).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, control_teacher, seeds,
-         widths, settings, strategies, min_size, max_size, report_split, device, workers) -> None:
+         widths, settings, strategies, min_size, max_size, min_object, report_split, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
@@ -244,7 +249,8 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
                                  "same-data it would be the teacher itself", param_hint="--control-teacher")
     overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes,
                  "seeds": seeds, "extras": extras, "control_teacher": control_teacher, "widths": widths,
-                 "settings": settings, "strategies": strategies, "min_size": min_size, "max_size": max_size}
+                 "settings": settings, "strategies": strategies, "min_size": min_size, "max_size": max_size,
+                 "min_object": min_object}
     if student_iters:
         overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})

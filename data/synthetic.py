@@ -73,6 +73,7 @@ class SyntheticConfig:
     pool: int = 0
     val: int = 0  # held-out images for choosing settings (test is for the final report)
     size: int = 256
+    min_object: float = MIN_SCALE  # smallest sqrt(w*h) of a pasted object, px
     seed: int = 0
     preview: int = 0  # number of train images drawn with their boxes under out/preview/
     workers: int = 0  # 0: one per CPU core
@@ -87,14 +88,18 @@ class SyntheticConfig:
             raise ValueError("SyntheticConfig: train + test + pool + val must be > 0")
         if self.size < 64:
             raise ValueError(f"SyntheticConfig.size must be >= 64 px, got {self.size}")
+        if not MIN_SCALE <= self.min_object <= min(MAX_SCALE, 0.47 * self.size):
+            raise ValueError(f"SyntheticConfig.min_object must be in [{MIN_SCALE:g}, "
+                             f"{min(MAX_SCALE, 0.47 * self.size):g}] px, got {self.min_object}")
 
     def counts(self) -> dict[str, int]:
         return {"train": self.train, "test": self.test, "pool": self.pool, "val": self.val}
 
     def identity(self) -> dict:
         """What determines the files: equal identities give identical datasets."""
+        extra = {"min_object": self.min_object} if self.min_object != MIN_SCALE else {}
         return {"version": VERSION, "classes": list(CLASSES), "seed": self.seed, "size": self.size,
-                **self.counts()}
+                **self.counts(), **extra}
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -349,13 +354,13 @@ def _patch_layer(rng, src: SplitSources, scale: float) -> _Layer:
     return _Layer("distractor", "patch", band_id, rgb, alpha)
 
 
-def _layers(rng: np.random.Generator, src: SplitSources, s: int) -> list[_Layer]:
-    """Targets and distractors, in paste order (later layers occlude earlier ones)."""
-    hi = min(MAX_SCALE, 0.47 * s)
+def _layers(rng: np.random.Generator, src: SplitSources, s: int, lo: float = MIN_SCALE) -> list[_Layer]:
+    """Targets and distractors, in paste order (later layers occlude earlier ones); object scales from ``lo``."""
+    hi = max(min(MAX_SCALE, 0.47 * s), lo)
     layers = []
     for _ in range(int(rng.integers(1, 6))):
         name = CLASSES[int(rng.integers(len(CLASSES)))]
-        scale = _log_scale(rng, MIN_SCALE, hi)
+        scale = _log_scale(rng, lo, hi)
         if name == "face":
             k = int(rng.integers(len(src.faces)))
             layers.append(_face_layer(rng, src.faces[k], scale, "target", name, f"lfw:{src.face_ids[k]}"))
@@ -366,14 +371,14 @@ def _layers(rng: np.random.Generator, src: SplitSources, s: int) -> list[_Layer]
     for _ in range(int(rng.integers(0, 3))):
         d = DISTRACTOR_DIGITS[int(rng.integers(len(DISTRACTOR_DIGITS)))]
         k = int(rng.integers(len(src.digits[d])))
-        scale = _log_scale(rng, MIN_SCALE, hi)
+        scale = _log_scale(rng, lo, hi)
         layers.append(_digit_layer(rng, src.digits[d][k], scale, "distractor", "digit", f"mnist:{src.digit_ids[d][k]}"))
     for _ in range(int(rng.random() < 0.4)):
         k = int(rng.integers(len(src.nonfaces)))
-        scale = _log_scale(rng, MIN_SCALE, hi)
+        scale = _log_scale(rng, lo, hi)
         layers.append(_face_layer(rng, src.nonfaces[k], scale, "distractor", "nonface", f"lfw:{src.nonface_ids[k]}"))
     for _ in range(int(rng.integers(0, 3))):
-        layers.append(_patch_layer(rng, src, _log_scale(rng, MIN_SCALE, 0.6 * hi)))
+        layers.append(_patch_layer(rng, src, _log_scale(rng, min(lo, 0.6 * hi), 0.6 * hi)))
     return [layers[i] for i in rng.permutation(len(layers))]
 
 
@@ -388,15 +393,16 @@ def _to_u8(a: np.ndarray) -> np.ndarray:
     return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def render_image(split: str, index: int, *, seed: int, size: int, sources: SplitSources) -> Rendered:
-    """Render image ``index`` of ``split``: a pure function of (seed, split, index, size)."""
+def render_image(split: str, index: int, *, seed: int, size: int, sources: SplitSources,
+                 min_object: float = MIN_SCALE) -> Rendered:
+    """Render image ``index`` of ``split``: a pure function of (seed, split, index, size, min_object)."""
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     s = size
     background, bg_id = _background(rng, sources, s)
     canvas = background.copy()
     owner = np.full((s, s), -1, np.int32)  # index of the topmost layer per pixel, for visibility
     placed: list[_Layer] = []
-    for layer in _layers(rng, sources, s):
+    for layer in _layers(rng, sources, s, min_object):
         h, w = layer.alpha.shape
         if w > s or h > s or layer.local is None:
             continue
@@ -466,14 +472,15 @@ def annotation_for(rendered: Rendered, image_id_: str) -> bytes:
 _WORKER: dict = {}
 
 
-def _init_worker(sources: dict[str, SplitSources], seed: int, size: int, root: str) -> None:
-    _WORKER.update(sources=sources, seed=seed, size=size, root=Path(root))
+def _init_worker(sources: dict[str, SplitSources], seed: int, size: int, root: str, min_object: float) -> None:
+    _WORKER.update(sources=sources, seed=seed, size=size, root=Path(root), min_object=min_object)
 
 
 def _write_one(job: tuple[str, int]) -> str:
     split, index = job
     root: Path = _WORKER["root"]
-    r = render_image(split, index, seed=_WORKER["seed"], size=_WORKER["size"], sources=_WORKER["sources"][split])
+    r = render_image(split, index, seed=_WORKER["seed"], size=_WORKER["size"], sources=_WORKER["sources"][split],
+                     min_object=_WORKER["min_object"])
     iid = image_id(split, index)
     Image.fromarray(r.image).save(root / "JPEGImages" / f"{iid}.jpg", quality=JPEG_QUALITY)
     write_annotation(root, iid, annotation_for(r, iid))
@@ -562,7 +569,7 @@ def _generate(config: SyntheticConfig, root: Path) -> None:
         sources = load_sources()
         jobs = [(split, i) for split, n in config.counts().items() for i in range(n)]
         workers = min(config.workers or os.cpu_count() or 1, max(len(jobs) // 32, 1))
-        args = (sources, config.seed, config.size, str(tmp))
+        args = (sources, config.seed, config.size, str(tmp), config.min_object)
         with progress_bar(total=len(jobs), desc=f"synthetic -> {root.name}", unit="img", disable=not config.progress) as bar:
             if workers == 1:
                 _init_worker(*args)

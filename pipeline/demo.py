@@ -48,6 +48,7 @@ class Budget:
     """Sizes and iteration budgets; recorded in report.json."""
 
     size: int = 192  # built-in image side, px
+    min_object: float = 12.0  # built-in: smallest pasted object, sqrt(w*h) px
     train: int = 150  # built-in labelled split
     pool: int = 1000  # built-in teacher pool (also the unlabelled images: about what 250 student iterations mimic)
     test: int = 300
@@ -176,6 +177,7 @@ class Demo:
         root = self.out / "data"
         b = self.b
         ensure_dataset(SyntheticConfig(out=root, train=b.train, test=b.test, pool=b.pool, val=b.val, size=b.size,
+                                       min_object=b.min_object,
                                        progress=self.cfg.progress), echo=self.echo)
         return root
 
