@@ -209,7 +209,7 @@ def make_data_synthetic(out, train, test, pool, val, min_object, size, seed, pre
 @click.option("--settings", default=None, callback=_subset_of(("same-data", "limited", "limited+pool")),
               help="Settings to run, in this order (default: limited+pool; the study: same-data,limited,limited+pool).")
 @click.option("--strategies", default=None, callback=_subset_of(("none", "roi", "map", "scale", "assistant", "roi-norm", "roi-lab2")),
-              help="Stage-1 strategies, each followed by its stage 2 (default: none,roi; the study: none,roi,map,scale). "
+              help="Stage-1 strategies, each followed by its stage 2 (default: none,roi,roi-norm; the study: none,roi,map,scale). "
                    "assistant: RoI mimic of a w=1/2 teacher trained like the teacher (a teacher assistant); roi-norm: "
                    "RoI mimic of per-channel standardised teacher features (--mimic-norm channel); roi-lab2: the RoI "
                    "student, then a stage 2 on labelled images only (no unlabelled half in its batches).")
@@ -219,7 +219,7 @@ def make_data_synthetic(out, train, test, pool, val, min_object, size, seed, pre
 @click.option("--max-size", type=click.IntRange(min=32), default=None,
               help="Input longer side cap, px (default 320).")
 @click.option("--min-object", type=click.FloatRange(12, 90), default=None,
-              help="Built-in dataset only: smallest pasted object, sqrt(w*h) px (default 12).")
+              help="Built-in dataset only: smallest pasted object, sqrt(w*h) px (default 24).")
 @click.option("--report-split", type=click.Choice(["test", "val"]), default="test",
               help="Split the table scores: test for the final report; val (built-in data, or a --data folder with "
                    "a val split) to choose settings without reading test (eval-val/, plots-val/, report-val.json).")
