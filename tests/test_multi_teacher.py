@@ -111,7 +111,7 @@ def test_primary_term_is_the_single_teacher_loss_and_one_store_is_unchanged(setu
     assert not any(k.startswith("more_transforms") for k in state)
     _, meta = load_detector(one / "model.pt")
     assert "teachers" not in meta
-    old_fields = {f.name for f in dataclasses.fields(StudentConfig)} - {"teacher_weights"}
+    old_fields = {f.name for f in dataclasses.fields(StudentConfig)} - {"teacher_weights", "mimic_norm"}
     assert set(meta["student_config"]) == old_fields
     # ... beside the inputs' content digests that identify the run folder.
     assert set(json.loads((one / "student_config.json").read_text())) == old_fields | {"inputs"}
