@@ -358,7 +358,8 @@ def region_indices(proposals: Tensor, num: int, generator: torch.Generator) -> T
 
 
 def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
-    cfg = inherit_anchors(cfg)
+    if cfg.anchor_sizes is None or cfg.aspect_ratios is None:  # not yet resolved by run_train_student
+        cfg = inherit_anchors(cfg)
     config = DetectorConfig(
         num_classes=len(classes) + 1,
         width=cfg.width,
