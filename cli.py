@@ -7,9 +7,7 @@ import os
 import sys
 
 import click
-
-from data.errors import DataError, StoreError
-
+from mimicdet.data.errors import DataError, StoreError
 
 DEBUG_ENV = "MIMICDET_DEBUG"  # set (or pass --verbose) to see the traceback of a handled error
 
@@ -114,7 +112,7 @@ def _widths(ctx, param, value):
     """'1/2,1/4' -> (0.5, 0.25)."""
     if value is None:
         return None
-    from student.family import parse_widths
+    from mimicdet.student.family import parse_widths
 
     try:
         return parse_widths(value)
@@ -170,7 +168,7 @@ def make_data_synthetic(out, train, test, pool, val, min_object, size, seed, pre
     """Built-in dataset: MNIST digits and LFW faces pasted on photo backgrounds (deterministic)."""
     from pathlib import Path
 
-    from data.synthetic import SyntheticConfig, ensure_dataset
+    from mimicdet.data.synthetic import SyntheticConfig, ensure_dataset
 
     ensure_dataset(SyntheticConfig(out=Path(out), train=train, test=test, pool=pool, val=val, min_object=min_object,
                                    size=size, seed=seed,
@@ -232,13 +230,10 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
     Plain `mimic demo` is the headline run: a 1/4-width student from scratch against RoI mimic (stage 1, then
     stage 2 with two-stage mimic) with limited labels plus an unlabelled pool. Writes OUT/report.json and
     OUT/plots/*.png and prints the table."""
+    from dataclasses import replace
     from pathlib import Path
 
-    from pipeline.demo import DemoConfig, run_demo
-
-    from dataclasses import replace
-
-    from pipeline.demo import budget_for
+    from mimicdet.pipeline.demo import DemoConfig, budget_for, run_demo
 
     if pool is not None and data is not None:
         raise click.BadParameter("--pool sizes the built-in dataset; a --data folder brings its own splits",
@@ -265,7 +260,7 @@ def inspect_store_command(store) -> None:
     """Print a feature store's manifest, size on disk, compression ratio and completion.
 
     STORE is a path or an fsspec URL (s3://bucket/prefix; $MIMICDET_S3_ENDPOINT sets the endpoint)."""
-    from data.featurestore import describe_store
+    from mimicdet.store import describe_store
 
     click.echo(describe_store(store))
 
@@ -277,13 +272,12 @@ def inspect_store_command(store) -> None:
 @click.option("--split", default=None, help="Split of --data (required with --data).")
 def verify_store_command(store, data_root, split) -> None:
     """Check every shard checksum and completion marker, decode every chunk, look for NaN/Inf; exit 1 on any problem."""
-    from pathlib import Path
-
-    from data.featurestore import VerifyStoreConfig, run_verify
+    from mimicdet.data import load_dataset
+    from mimicdet.store import verify_store
 
     if (data_root is None) != (split is None):
         raise click.BadParameter("give --data and --split together", param_hint="--data/--split")
-    report = run_verify(VerifyStoreConfig(store=store, data_root=Path(data_root) if data_root else None, split=split))
+    report = verify_store(store, dataset=load_dataset(data_root, split) if data_root else None)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)
@@ -311,7 +305,7 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
     """Run the teacher once over a dataset into a compressed, sharded, resumable feature store."""
     from pathlib import Path
 
-    from pipeline.extract import ExtractConfig, run_extract
+    from mimicdet.pipeline.extract import ExtractConfig, run_extract
 
     if resume and overwrite:
         raise click.BadParameter("--resume and --overwrite exclude each other", param_hint="--resume/--overwrite")
@@ -385,7 +379,7 @@ def train_student_command(store, teacher_weights, data, split, out, width, stage
     teachers' stores (repeat --store, weigh them with --teacher-weight)."""
     from pathlib import Path
 
-    from student.train import StudentConfig, run_train_student
+    from mimicdet.student.train import StudentConfig, run_train_student
 
     summary = run_train_student(StudentConfig(
         store=store, teacher_weights=teacher_weights or None, data=Path(data), split=split, out=Path(out), width=width,
@@ -477,7 +471,13 @@ def train_teacher_command(data, split, subset, subset_seed, out, width, head, it
     """Train a teacher detector; writes OUT/model.pt (and a resumable OUT/checkpoint.pt)."""
     from pathlib import Path
 
-    from pipeline.teacher import DEFAULT_ITERS, DEFAULT_LR, TeacherConfig, format_summary, train_teacher
+    from mimicdet.pipeline.teacher import (
+        DEFAULT_ITERS,
+        DEFAULT_LR,
+        TeacherConfig,
+        format_summary,
+        train_teacher,
+    )
 
     try:
         config = TeacherConfig(
@@ -515,7 +515,7 @@ def evaluate_command(model_path, data, split, metrics, out, plots, max_images, b
     """Evaluate a checkpoint: proposal recall, VOC mAP, COCO AP, Caltech miss rate, parameters, GFLOPs, speed."""
     from pathlib import Path
 
-    from detection.evaluate import EvalConfig, run_evaluate
+    from mimicdet.detection.evaluate import EvalConfig, run_evaluate
 
     try:
         config = EvalConfig(
@@ -563,7 +563,7 @@ def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite
     original pixels (detection.export.postprocess). Scale-mimic students take half-size input (see FILE.json)."""
     from pathlib import Path
 
-    from detection.export import ExportConfig, run_export
+    from mimicdet.detection.export import ExportConfig, run_export
 
     s = run_export(ExportConfig(checkpoint=Path(checkpoint), format=fmt, out=Path(out), height=height, width=width,
                                 opset=opset, verify=verify, overwrite=overwrite))
@@ -615,7 +615,7 @@ def train_family_command(store, data, split, widths, stage, mimic, head, iters, 
     table of each width's speed-up, so a width can be picked for a time budget."""
     from pathlib import Path
 
-    from student.family import FamilyConfig, run_train_family
+    from mimicdet.student.family import FamilyConfig, run_train_family
 
     run_train_family(FamilyConfig(
         store=store, data=Path(data), out=Path(out), widths=widths, split=split, stage=stage, mimic=mimic, head=head,

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _results import write_report  # noqa: E402
-from detection.detector import DetectorConfig, build_detector  # noqa: E402
-from detection.device import select_device  # noqa: E402
-from detection.profile import time_backbone_ms, time_predict_ms  # noqa: E402
+from mimicdet.detection.detector import DetectorConfig, build_detector  # noqa: E402
+from mimicdet.detection.device import select_device  # noqa: E402
+from mimicdet.detection.profile import time_backbone_ms, time_predict_ms  # noqa: E402
 
 WIDTHS = (1.0, 0.5, 0.25, 0.125)
 

@@ -47,7 +47,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -57,20 +56,18 @@ from pathlib import Path
 import torch
 import torchvision
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
-from data import load_dataset  # noqa: E402
-from data.featurestore import inspect_store, open_store  # noqa: E402
-from data.loader import DetectionImages, IterationSampler, collate, make_loader  # noqa: E402
-from data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from detection.detector import Detector, DetectorConfig, build_detector, save_detector  # noqa: E402
-from detection.trainer import Trainer  # noqa: E402
-from pipeline.extract import ExtractConfig, load_teacher, run_extract  # noqa: E402
-from student.mimic import MimicTransform, roi_mimic_loss  # noqa: E402
-from student.stream import MimicBatch, MimicImages, MixedSampler, make_mimic_loader, open_source  # noqa: E402
-from student.train import StudentConfig, StudentModel, build_student, run_train_student, train_config  # noqa: E402
+from mimicdet.data import load_dataset  # noqa: E402
+from mimicdet.store import inspect_store, open_store  # noqa: E402
+from mimicdet.data.loader import DetectionImages, IterationSampler, collate, make_loader  # noqa: E402
+from mimicdet.data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E402
+from mimicdet.data.transforms import Preprocess  # noqa: E402
+from mimicdet.detection.detector import Detector, DetectorConfig, build_detector, save_detector  # noqa: E402
+from mimicdet.detection.trainer import Trainer  # noqa: E402
+from mimicdet.pipeline.extract import ExtractConfig, load_teacher, run_extract  # noqa: E402
+from mimicdet.student.mimic import MimicTransform, roi_mimic_loss  # noqa: E402
+from mimicdet.student.stream import MimicBatch, MimicImages, MixedSampler, make_mimic_loader, open_source  # noqa: E402
+from mimicdet.student.train import StudentConfig, StudentModel, build_student, run_train_student, train_config  # noqa: E402
 
 SIZE, BATCH, WIDTH, ROIS, PROPOSALS = 256, 8, 0.25, 64, 300
 TARGETS = {"speedup_min": 5.0, "data_fraction_max": 0.05, "mimic_fraction_max": 0.30}

@@ -57,15 +57,14 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from data import load_dataset  # noqa: E402
-from data.featurestore import inspect_store, open_store, quantise_int8  # noqa: E402
-from data.loader import DetectionImages, collate  # noqa: E402
-from data.synthetic import CLASSES, SyntheticConfig, ensure_dataset  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from detection.detector import DetectorConfig, build_detector, load_detector, save_detector  # noqa: E402
-from pipeline.extract import ExtractConfig, load_teacher, run_extract, teacher_pass  # noqa: E402
+from mimicdet.data import load_dataset  # noqa: E402
+from mimicdet.store import inspect_store, open_store, quantise_int8  # noqa: E402
+from mimicdet.data.loader import DetectionImages, collate  # noqa: E402
+from mimicdet.data.synthetic import CLASSES, SyntheticConfig, ensure_dataset  # noqa: E402
+from mimicdet.data.transforms import Preprocess  # noqa: E402
+from mimicdet.detection.detector import DetectorConfig, build_detector, load_detector, save_detector  # noqa: E402
+from mimicdet.pipeline.extract import ExtractConfig, load_teacher, run_extract, teacher_pass  # noqa: E402
 
 RACCOON = Path(os.environ.get("MIMICDET_RACCOON", REPO / ".." / "shared" / "data" / "raccoon"))
 RESULT = REPO / "benchmarks" / "results" / "extract.json"
@@ -171,7 +170,7 @@ def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict
         for b in batches[:count]:
             teacher_pass(teacher, b.images, b.image_sizes, top_k=300, device=CPU)
 
-    import pipeline.extract as pe
+    import mimicdet.pipeline.extract as pe
 
     forward = {"s": 0.0}
 
@@ -407,9 +406,9 @@ def entropy_bits(values: np.ndarray) -> float:
 
 
 def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
-    from student.stream import MimicImages, MixedSampler, make_mimic_loader, open_source
-    from student.mimic import MimicTransform
-    from student.train import StudentConfig, StudentModel, build_student
+    from mimicdet.student.stream import MimicImages, MixedSampler, make_mimic_loader, open_source
+    from mimicdet.student.mimic import MimicTransform
+    from mimicdet.student.train import StudentConfig, StudentModel, build_student
 
     dataset = load_dataset(data, split, classes=list(CLASSES))
     store = open_source(str(store_url), dataset)
@@ -469,7 +468,7 @@ def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
             step(held[k % len(held)])
         return sizes.student_iters * BATCH / (time.perf_counter() - t)
 
-    from data._store_zarr import ZarrBackend
+    from mimicdet.store.zarr_backend import ZarrBackend
 
     order = np.random.default_rng(0).integers(0, len(store), 4 * len(store))
 
@@ -566,7 +565,7 @@ def memory(work: Path, sizes: Sizes) -> dict:
     runs = []
     for n in (small, 10 * small):
         split = write_split(data, f"first{n}", n)
-        cmd = [sys.executable, "-m", "cli", "extract-teacher", "--teacher", str(teacher), "--data", str(data),
+        cmd = [sys.executable, "-m", "mimicdet.cli", "extract-teacher", "--teacher", str(teacher), "--data", str(data),
                "--split", split, "--out", str(work / "mem-store"), "--overwrite", "--proposals", str(MEMORY_PROPOSALS)]
         run = {"images": n, **peak_memory(cmd, work / "mem.log")}
         run["images_per_s"] = n / run["seconds"]

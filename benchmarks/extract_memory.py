@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # tests.pipeline_fixtures: the suite's tiny real inputs
 
 SIZE, SHARD, PROPOSALS = 64, 64, 20
 
@@ -43,7 +43,7 @@ def child(n: int, data: Path, teacher: Path, out: Path) -> dict:
     """One extraction of the split ``first{n}`` in this (fresh) process."""
     import torch
 
-    from pipeline.extract import ExtractConfig, run_extract
+    from mimicdet.pipeline.extract import ExtractConfig, run_extract
 
     torch.set_num_threads(1)
     after_imports = _rss_mib()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +22,9 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from data.featurestore import ImageFeatures, Manifest, create_store, inspect_store, open_store  # noqa: E402
-from detection.backbone import InceptionBackbone  # noqa: E402
+from mimicdet.store import ImageFeatures, Manifest, create_store, inspect_store, open_store  # noqa: E402
+from mimicdet.detection.backbone import InceptionBackbone  # noqa: E402
 
 IMAGES, SIDE, K, SHARD = 64, 256, 64, 32
 RACCOON = Path(os.environ.get("MIMICDET_RACCOON", REPO / ".." / "shared" / "data" / "raccoon")) / "JPEGImages"

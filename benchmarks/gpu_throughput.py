@@ -30,17 +30,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 from _results import write_report  # noqa: E402
-from data.featurestore import inspect_store  # noqa: E402
-from data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E402
-from detection.device import select_device  # noqa: E402
+from mimicdet.store import inspect_store  # noqa: E402
+from mimicdet.data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E402
+from mimicdet.detection.device import select_device  # noqa: E402
 from distill_throughput import make_teacher  # noqa: E402
-from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
-from student.train import StudentConfig, run_train_student  # noqa: E402
+from mimicdet.pipeline.extract import ExtractConfig, run_extract  # noqa: E402
+from mimicdet.student.train import StudentConfig, run_train_student  # noqa: E402
 
 BATCH, PROPOSALS, WIDTH, ROIS = 8, 300, 0.25, 64
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from detection.backbone import InceptionBackbone
-from student import mimic
-from student.mimic import MimicTransform, roi_mimic_loss, roi_mimic_loss_reference
+from mimicdet.detection.backbone import InceptionBackbone
+from mimicdet.student import mimic
+from mimicdet.student.mimic import MimicTransform, roi_mimic_loss, roi_mimic_loss_reference
 
 BATCH, REGIONS, CT, CS, STRIDE = 8, 128, 832, 208, 16
 CONFIGS = {"256x256": (16, 16), "600x1000": (38, 63)}

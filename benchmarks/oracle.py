@@ -43,7 +43,7 @@ def metrics_of(report: Path) -> dict:
     r = json.loads(report.read_text())
     keep = {}
     for key, value in r.items():
-        if key in ("profile", "environment", "timings_s", "ms_per_image"):
+        if key in ("profile", "environment", "timings_s", "ms_per_image", "timing"):
             continue
         if isinstance(value, (int, float, str)) or value is None:
             keep[key] = value
@@ -119,7 +119,7 @@ def differences(a, b, path: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            if k == "seconds" and not path:
+            if k in ("seconds", "timing"):  # wall-clock, not behaviour
                 continue
             out += differences(a.get(k), b.get(k), f"{path}.{k}" if path else k)
         return out

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _results
 
 from _results import write_report  # noqa: E402
-from detection.detector import DetectorConfig, build_detector  # noqa: E402
-from detection.profile import profile_models  # noqa: E402
+from mimicdet.detection.detector import DetectorConfig, build_detector  # noqa: E402
+from mimicdet.detection.profile import profile_models  # noqa: E402
 
 WIDTHS = (1.0, 0.5, 0.25, 0.125)
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import load_dataset  # noqa: E402
-from data.summary import SIZE_BUCKETS, SIZE_EDGES  # noqa: E402
+from mimicdet.data import load_dataset  # noqa: E402
+from mimicdet.data.summary import SIZE_BUCKETS, SIZE_EDGES  # noqa: E402
 
 
 def main(run: Path, split: str) -> dict:

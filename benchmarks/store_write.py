@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from data.featurestore import ImageFeatures, Manifest, _pack, create_store  # noqa: E402
+from mimicdet.store import ImageFeatures, Manifest, create_store
+from mimicdet.store.format import pack_shard  # noqa: E402
 
 SHARD, C, H, W, K, KC = 32, 832, 16, 16, 300, 5
 
@@ -75,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     m = manifest()
     items = records(m)
-    arrays = _pack(m, items, "bench")
+    arrays = pack_shard(m, items, "bench")
     with tempfile.TemporaryDirectory() as tmp:
         own = create_store(str(Path(tmp) / "own"), m)
         via_zarr = create_store(str(Path(tmp) / "zarr"), m)
@@ -91,7 +90,7 @@ def main() -> None:
             "what": "StoreWriter.write_shard CPU ms per image, shard of 32, float16 maps 832x16x16, zarr backend",
             "own_encoder_ms": cpu_ms_per_image(lambda: own.write_shard(0, items), args.rounds),
             "zarr_setitem_ms": cpu_ms_per_image(lambda: via_zarr.write_shard(0, items), args.rounds),
-            "pack_ms": cpu_ms_per_image(lambda: _pack(m, items, "bench"), args.rounds),
+            "pack_ms": cpu_ms_per_image(lambda: pack_shard(m, items, "bench"), args.rounds),
             "bare_codecs_ms": cpu_ms_per_image(
                 lambda: [own._backend._encoders[name].encode(a[j]) for name, a in arrays.items() for j in range(SHARD)],
                 args.rounds),

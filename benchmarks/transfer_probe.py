@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,14 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from data import load_dataset  # noqa: E402
-from data.loader import DetectionImages, IterationSampler, make_loader  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from detection.checkpoints import load_weights_only  # noqa: E402
-from detection.detector import build_detector, load_detector  # noqa: E402
-from detection.evaluate import evaluate_model  # noqa: E402
+from mimicdet.data import load_dataset  # noqa: E402
+from mimicdet.data.loader import DetectionImages, IterationSampler, make_loader  # noqa: E402
+from mimicdet.data.transforms import Preprocess  # noqa: E402
+from mimicdet.detection.checkpoints import load_weights_only  # noqa: E402
+from mimicdet.detection.detector import build_detector, load_detector  # noqa: E402
+from mimicdet.detection.evaluate import evaluate_model  # noqa: E402
 
 SIZE_BINS = ((0, 16), (16, 32), (32, 64), (64, 10_000))  # sqrt(w*h) of a test box, px
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from data.errors import DataError, StoreError
+from mimicdet.data.errors import DataError, StoreError
 
 FORMATS = ("voc", "coco", "caltech", "folder")
 # Protocol options each reader accepts through load_dataset(**protocol).
@@ -23,30 +23,30 @@ _LAYOUTS = (
 )
 
 _LAZY = {
-    "ImageRecord": "data.records",
-    "Dataset": "data.records",
-    "empty_record": "data.records",
-    "load_image": "data.images",
-    "image_size": "data.images",
-    "frame_path": "data.images",
-    "IMAGE_EXTENSIONS": "data.images",
-    "DataWarning": "data.validate",
-    "BoxChecker": "data.validate",
-    "read_voc": "data.voc",
-    "read_coco": "data.coco",
-    "read_caltech": "data.caltech",
-    "read_image_folder": "data.folder",
-    "Preprocess": "data.transforms",
-    "ResizeParams": "data.transforms",
-    "PrepParams": "data.transforms",
-    "resize_params": "data.transforms",
-    "prepare": "data.transforms",
-    "DetectionImages": "data.loader",
-    "IterationSampler": "data.loader",
-    "EvalSampler": "data.loader",
-    "Batch": "data.loader",
-    "collate": "data.loader",
-    "make_loader": "data.loader",
+    "ImageRecord": "mimicdet.data.records",
+    "Dataset": "mimicdet.data.records",
+    "empty_record": "mimicdet.data.records",
+    "load_image": "mimicdet.data.images",
+    "image_size": "mimicdet.data.images",
+    "frame_path": "mimicdet.data.images",
+    "IMAGE_EXTENSIONS": "mimicdet.data.images",
+    "DataWarning": "mimicdet.data.validate",
+    "BoxChecker": "mimicdet.data.validate",
+    "read_voc": "mimicdet.data.voc",
+    "read_coco": "mimicdet.data.coco",
+    "read_caltech": "mimicdet.data.caltech",
+    "read_image_folder": "mimicdet.data.folder",
+    "Preprocess": "mimicdet.data.transforms",
+    "ResizeParams": "mimicdet.data.transforms",
+    "PrepParams": "mimicdet.data.transforms",
+    "resize_params": "mimicdet.data.transforms",
+    "prepare": "mimicdet.data.transforms",
+    "DetectionImages": "mimicdet.data.loader",
+    "IterationSampler": "mimicdet.data.loader",
+    "EvalSampler": "mimicdet.data.loader",
+    "Batch": "mimicdet.data.loader",
+    "collate": "mimicdet.data.loader",
+    "make_loader": "mimicdet.data.loader",
 }
 
 __all__ = ["DataError", "StoreError", "FORMATS", "load_dataset", "detect_format", *_LAZY]
@@ -55,7 +55,7 @@ __all__ = ["DataError", "StoreError", "FORMATS", "load_dataset", "detect_format"
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
+    raise AttributeError(f"module 'mimicdet.data' has no attribute {name!r}")
 
 
 def _coco_json(root: Path, split: str) -> Path | None:
@@ -84,8 +84,8 @@ def _coco_image_root(json_path: Path, split: str) -> Path:
 
 def detect_format(root: Path | str, split: str = "train") -> str:
     """The layout of ``root``: one of :data:`FORMATS`; DataError naming the layouts looked for otherwise."""
-    from data.caltech import detect_caltech_layout
-    from data.folder import image_files
+    from mimicdet.data.caltech import detect_caltech_layout
+    from mimicdet.data.folder import image_files
 
     root = Path(root)
     if not root.exists():
@@ -123,11 +123,11 @@ def load_dataset(root: Path | str, split: str = "train", *, format: str = "auto"
             f"(accepted: {', '.join(_OPTIONS[fmt]) or 'none'})"
         )
     if fmt == "voc":
-        from data.voc import read_voc
+        from mimicdet.data.voc import read_voc
 
         return read_voc(root, split, classes=classes)
     if fmt == "coco":
-        from data.coco import read_coco
+        from mimicdet.data.coco import read_coco
 
         json_path = root if root.is_file() else _coco_json(root, split)
         if json_path is None:
@@ -136,11 +136,11 @@ def load_dataset(root: Path | str, split: str = "train", *, format: str = "auto"
         name = protocol.get("name") or (json_path.stem if root.is_file() else root.resolve().name)
         return read_coco(json_path, image_root, split=split, classes=classes, name=name)
     if fmt == "caltech":
-        from data.caltech import CLASSES, read_caltech
+        from mimicdet.data.caltech import CLASSES, read_caltech
 
         if classes is not None and tuple(classes) != CLASSES:
             raise DataError(f"{root}: Caltech has classes {list(CLASSES)}, but {list(classes)} were asked for")
         return read_caltech(root, split=split, **protocol)
-    from data.folder import read_image_folder
+    from mimicdet.data.folder import read_image_folder
 
     return read_image_folder(root, split=split, classes=() if classes is None else classes)

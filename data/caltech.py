@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from data.errors import DataError
-from data.images import IMAGE_EXTENSIONS, frame_path, image_size
-from data.records import Dataset, ImageRecord
-from data.seq import read_seq_header
-from data.validate import BoxChecker, DataWarning
+from mimicdet.data.errors import DataError
+from mimicdet.data.images import IMAGE_EXTENSIONS, frame_path, image_size
+from mimicdet.data.records import Dataset, ImageRecord
+from mimicdet.data.seq import read_seq_header
+from mimicdet.data.validate import BoxChecker, DataWarning
 
 CLASSES = ("person",)
 TRAIN_SETS = tuple(f"set{i:02d}" for i in range(0, 6))

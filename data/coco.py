@@ -20,10 +20,10 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-from data.errors import DataError
-from data.images import image_size
-from data.records import Dataset, ImageRecord
-from data.validate import BoxChecker
+from mimicdet.data.errors import DataError
+from mimicdet.data.images import image_size
+from mimicdet.data.records import Dataset, ImageRecord
+from mimicdet.data.validate import BoxChecker
 
 
 def _load(path: Path) -> dict:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.errors import DataError
-from data.images import IMAGE_EXTENSIONS, image_size
-from data.records import Dataset, empty_record
+from mimicdet.data.errors import DataError
+from mimicdet.data.images import IMAGE_EXTENSIONS, image_size
+from mimicdet.data.records import Dataset, empty_record
 
 
 def image_files(root: Path, *, recursive: bool = True) -> list[Path]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.errors import DataError
-from data.seq import read_seq_frame, read_seq_header
+from mimicdet.data.errors import DataError
+from mimicdet.data.seq import read_seq_frame, read_seq_header
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _FRAME = re.compile(r"(?P<seq>.+\.seq)#(?P<index>\d+)", re.IGNORECASE)

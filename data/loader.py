@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.errors import DataError
-from data.images import load_image
-from data.records import Dataset
-from data.transforms import Preprocess, PrepParams, prepare
+from mimicdet.data.errors import DataError
+from mimicdet.data.images import load_image
+from mimicdet.data.records import Dataset
+from mimicdet.data.transforms import Preprocess, PrepParams, prepare
 
 Key = tuple[int, bool]
 

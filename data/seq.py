@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import DataError
+from mimicdet.data.errors import DataError
 
 SEQ_MAGIC = 0xFEED
 _IMAGE_FIELDS = struct.Struct("<9Id")  # width .. true_image_size, then suggested frame rate

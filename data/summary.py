@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.records import Dataset
+from mimicdet.data.records import Dataset
 
 if TYPE_CHECKING:
-    from data.transforms import Preprocess
+    from mimicdet.data.transforms import Preprocess
 
 SIZE_EDGES = (16, 32, 64, 128)
 SIZE_BUCKETS = ("<16", "16-32", "32-64", "64-128", ">=128")
@@ -28,7 +28,7 @@ _PALETTE = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 6
 def input_box_sizes(dataset: Dataset, pre: "Preprocess", *, scale: float = 1.0) -> np.ndarray:
     """float64[B]: sqrt(w*h) of every labelled box in the network's input pixels (after ``pre``'s resize and
     the input ``scale``), in record order."""
-    from data.transforms import resize_params
+    from mimicdet.data.transforms import resize_params
 
     sizes = [np.zeros(0)]
     for r in dataset.records:
@@ -114,7 +114,7 @@ def draw_preview(dataset: Dataset, out_dir: Path, n: int, *, min_side: int = 512
     Images smaller than ``min_side`` are enlarged (nearest) so the labels stay legible; ignored boxes are grey,
     their names end in "?".
     """
-    from data.images import load_image
+    from mimicdet.data.images import load_image
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def draw_preview(dataset: Dataset, out_dir: Path, n: int, *, min_side: int = 512
 def describe_voc(root: Path, *, splits=None, classes=None, preview: int = 0) -> str:
     """Read every split of the VOC dataset at ``root`` (or the given ones) and return their summaries; with
     ``preview`` > 0, also draw that many images of the first split under ``root/preview/``."""
-    from data.voc import read_voc, voc_splits
+    from mimicdet.data.voc import read_voc, voc_splits
 
     root = Path(root)
     names = list(splits) if splits is not None else voc_splits(root)

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from data.voc_writer import VocExtra, VocObject, annotation_xml, write_annotation, write_image_set
+from mimicdet.data.voc_writer import VocExtra, VocObject, annotation_xml, write_annotation, write_image_set
 
 # 2: a val split (source instances taken from the end of the pool's share, so pool images differ from 1).
 VERSION = 2
@@ -555,13 +555,13 @@ def _remove_stale_tmp(root: Path) -> None:
 
 
 def _generate(config: SyntheticConfig, root: Path) -> None:
-    from data.progress import progress_bar
+    from mimicdet.data.progress import progress_bar
 
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(root)}{os.getpid()}-", dir=root.parent))
     try:
-        from detection.checkpoints import follow_umask
+        from mimicdet.detection.checkpoints import follow_umask
 
         follow_umask(tmp, directory=True)  # mkdtemp made it 0700, and the rename makes it the dataset's folder
         (tmp / "JPEGImages").mkdir()
@@ -599,7 +599,7 @@ def _generate(config: SyntheticConfig, root: Path) -> None:
 def ensure_dataset(config: SyntheticConfig, *, echo: Callable[[str], None] = print) -> Path:
     """Generate the dataset at ``config.out`` unless an identical one is there, draw ``config.preview``
     train images with their boxes under ``out/preview/``, and echo a summary of every split. Returns the root."""
-    from data.summary import describe_voc
+    from mimicdet.data.summary import describe_voc
 
     root = Path(config.out)
     if _state(root, config) == "same":

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.errors import DataError
+from mimicdet.data.errors import DataError
 
 
 @dataclass(frozen=True)

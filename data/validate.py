@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data.errors import DataError
+from mimicdet.data.errors import DataError
 
 CLIP_TOLERANCE = 1.0  # px
 

@@ -25,10 +25,10 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-from data.errors import DataError
-from data.images import image_size
-from data.records import Dataset, ImageRecord
-from data.validate import BoxChecker, DataWarning
+from mimicdet.data.errors import DataError
+from mimicdet.data.images import image_size
+from mimicdet.data.records import Dataset, ImageRecord
+from mimicdet.data.validate import BoxChecker, DataWarning
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.googlenet import BasicConv2d, Inception
 
-from data.errors import DataError
+from mimicdet.data.errors import DataError
 
 # torchvision GoogLeNet's Inception arguments (in_channels omitted):
 # ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj.
@@ -129,7 +129,7 @@ def load_googlenet_weights(backbone: InceptionBackbone, path: str | Path) -> Non
     """
     if backbone.width != 1.0:
         raise ValueError(f"GoogLeNet ImageNet weights fit only width 1, backbone has width {backbone.width}")
-    from detection.checkpoints import load_weights_only
+    from mimicdet.detection.checkpoints import load_weights_only
 
     path = Path(path)
     state = load_weights_only(path, what="state dict")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data.errors import DataError
+from mimicdet.data.errors import DataError
 
 
 def load_weights_only(path: str | Path, *, what: str = "checkpoint", hint: str = "", map_location: Any = "cpu") -> Any:

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from data.errors import DataError
-from detection.backbone import InceptionBackbone
-from detection.checkpoints import follow_umask
-from detection.heads import HEAD_KINDS, BoxHead, BoxHeadConfig, build_box_head
-from detection.rpn import RPN, RPNConfig, default_rpn_channels
+from mimicdet.data.errors import DataError
+from mimicdet.detection.backbone import InceptionBackbone
+from mimicdet.detection.checkpoints import follow_umask
+from mimicdet.detection.heads import HEAD_KINDS, BoxHead, BoxHeadConfig, build_box_head
+from mimicdet.detection.rpn import RPN, RPNConfig, default_rpn_channels
 
 HEADS = (*HEAD_KINDS, "none")
 
@@ -390,7 +390,7 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
 
     Raises ``FileNotFoundError`` for a missing file and ``DataError`` naming the file and the offending keys for a
     checkpoint that is not of this form or whose weights do not fit its config."""
-    from detection.checkpoints import load_weights_only
+    from mimicdet.detection.checkpoints import load_weights_only
 
     path = Path(path)
     ckpt = load_weights_only(path, what="detector checkpoint", map_location=map_location)

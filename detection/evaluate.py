@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.errors import DataError
-from data.records import Dataset
+from mimicdet.data.errors import DataError
+from mimicdet.data.records import Dataset
 
 METRICS = ("voc", "coco", "recall", "caltech")
 DEFAULT_METRICS = ("voc", "coco", "recall")
@@ -70,7 +70,7 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 
 def _preprocess_and_scale(meta: dict) -> tuple[Any, float]:
-    from data.transforms import Preprocess
+    from mimicdet.data.transforms import Preprocess
 
     if "preprocess" not in meta:
         raise DataError(f"checkpoint meta has no field 'preprocess' (fields: {sorted(meta)}); cannot rebuild its input")
@@ -83,7 +83,7 @@ def _preprocess_and_scale(meta: dict) -> tuple[Any, float]:
 def typical_input_size(dataset: Dataset, meta: dict) -> tuple[int, int]:
     """The padded network input ``(h, w)`` of the median image by input area (lower median), under the
     checkpoint's preprocessing: a shape that really occurs, not a mix of two images' sides."""
-    from data.transforms import resize_params
+    from mimicdet.data.transforms import resize_params
 
     pre, scale = _preprocess_and_scale(meta)
     div = max(1, round(pre.size_divisor * scale))
@@ -106,7 +106,7 @@ def _to_original(det: dict[str, torch.Tensor], params, key: str, score_key: str)
 
 
 def _evaluators(metrics: Sequence[str], classes: Sequence[str], detection_ok: bool) -> dict[str, Any]:
-    from detection.metrics import CaltechEvaluator, COCOEvaluator, ProposalRecallEvaluator, VOCEvaluator
+    from mimicdet.detection.metrics import CaltechEvaluator, COCOEvaluator, ProposalRecallEvaluator, VOCEvaluator
 
     out: dict[str, Any] = {}
     for m in metrics:
@@ -126,8 +126,8 @@ def _predict_into(model: nn.Module, data: Dataset, pre, scale: float, evaluators
                   name: str) -> tuple[float, float]:
     """Predicts every image of ``data`` and feeds the evaluators (boxes in original pixels); returns
     ``(total seconds, seconds inside predict)``."""
-    from data.loader import DetectionImages, EvalSampler, make_loader
-    from data.progress import progress_bar
+    from mimicdet.data.loader import DetectionImages, EvalSampler, make_loader
+    from mimicdet.data.progress import progress_bar
 
     loader = make_loader(DetectionImages(data, pre, scale=scale), EvalSampler(len(data), batch_size),
                          num_workers=workers)
@@ -173,7 +173,7 @@ def evaluate_model(
     ``keep_hits`` adds ``recall["hits"]``: per test box, whether the top-300 proposals recall it at IoU 0.5 / 0.7,
     and ``voc["per_image"]`` (``VOCEvaluator.per_image``), what ``significance.paired_bootstrap_map`` compares.
     """
-    from detection.device import select_device
+    from mimicdet.detection.device import select_device
 
     metrics = check_metrics(metrics)
     pre, scale = _preprocess_and_scale(meta)
@@ -233,7 +233,7 @@ def evaluate_model(
     if hasattr(model, "param_counts"):
         report["model"]["params"] = model.param_counts()
     if profile:
-        from detection.profile import profile_model
+        from mimicdet.detection.profile import profile_model
 
         size = typical_input_size(data, meta)
         report["profile"] = profile_model(model, input_size=size, repeats=10, warmup=2, device=dev)
@@ -246,7 +246,7 @@ def evaluate_model(
 
 def headline(report: dict) -> dict[str, float | None]:
     """The flat numbers of a report: recalls, AR, mAPs, COCO APs, LAMR, parameters, GFLOPs, ms/image."""
-    from detection.metrics import to_jsonable
+    from mimicdet.detection.metrics import to_jsonable
 
     m = report
     out: dict[str, Any] = {}
@@ -268,7 +268,7 @@ def headline(report: dict) -> dict[str, float | None]:
 
 def write_plots(report: dict, folder: Path, *, name: str = "model") -> list[str]:
     """PR curves (VOC), recall vs IoU (proposals) and MR-FPPI (Caltech) as PNGs under ``folder``."""
-    from detection.metrics import plots
+    from mimicdet.detection.metrics import plots
 
     folder.mkdir(parents=True, exist_ok=True)
     m = report
@@ -285,7 +285,7 @@ def write_plots(report: dict, folder: Path, *, name: str = "model") -> list[str]
 
 def report_json(report: dict) -> dict:
     """The report as strict JSON (curves left out: they are in the plots; NaN -> null)."""
-    from detection.metrics import to_jsonable
+    from mimicdet.detection.metrics import to_jsonable
 
     slim = {k: ({kk: vv for kk, vv in v.items() if kk != "curves"} if k in METRICS else v)
             for k, v in report.items()}
@@ -337,9 +337,9 @@ def _model_name(path: Path) -> str:
 
 def run_evaluate(config: EvalConfig) -> dict:
     """``mimic evaluate``: load checkpoint and split, evaluate, print the table, write JSON and plots."""
-    from data import load_dataset
-    from data.paths import check_writable
-    from detection.detector import load_detector
+    from mimicdet.data import load_dataset
+    from mimicdet.data.paths import check_writable
+    from mimicdet.detection.detector import load_detector
 
     if config.out is not None:
         check_writable("--out", config.out)

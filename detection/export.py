@@ -58,9 +58,9 @@ import torch
 from torch import Tensor, nn
 from torch.onnx.symbolic_helper import parse_args
 
-from data.errors import DataError
-from data.paths import check_output_apart
-from detection.checkpoints import file_sha256, follow_umask
+from mimicdet.data.errors import DataError
+from mimicdet.data.paths import check_output_apart
+from mimicdet.detection.checkpoints import file_sha256, follow_umask
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -352,7 +352,7 @@ def prepare_input(image: np.ndarray, sidecar: dict[str, Any]) -> tuple[np.ndarra
     ``input_scale``, normalisation, then zero padding right/bottom: for a dynamic export (the sidecar's shape is
     ``[1, 3, "H", "W"]``) up to multiples of the sidecar's ``size_divisor``, as the data loader pads a batch of one;
     for a fixed one up to its ``H x W`` (a larger input is refused)."""
-    from data.transforms import Preprocess, prepare
+    from mimicdet.data.transforms import Preprocess, prepare
 
     pre = Preprocess.from_dict(sidecar["preprocess"])
     _, _, H, W = sidecar["input"]["shape"]
@@ -413,7 +413,7 @@ class InputSizes:
 
 def input_sizes(meta: dict[str, Any]) -> InputSizes:
     """:class:`InputSizes` of a checkpoint's ``meta`` (its ``preprocess`` and ``input_scale``)."""
-    from detection.evaluate import _preprocess_and_scale
+    from mimicdet.detection.evaluate import _preprocess_and_scale
 
     pre, scale = _preprocess_and_scale(meta)
     div = _divisor(pre, scale)
@@ -455,7 +455,7 @@ def _accepts(cfg: ExportConfig, pre: Any, scale: float, sizes: InputSizes) -> st
 
 
 def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    from detection.evaluate import _preprocess_and_scale
+    from mimicdet.detection.evaluate import _preprocess_and_scale
 
     pre, scale = _preprocess_and_scale(meta)
     sizes = input_sizes(meta)
@@ -517,7 +517,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     Nothing is left at ``cfg.out`` unless every step succeeded: the files are written under temporary names
     in the same folder and renamed into place at the end."""
-    from detection.detector import load_detector
+    from mimicdet.detection.detector import load_detector
 
     out = Path(cfg.out)
     side_path = Path(f"{out}.json")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import ps_roi_align, roi_align
 
-from detection.backbone import scaled
+from mimicdet.detection.backbone import scaled
 
 HEAD_KINDS = ("fast-rcnn", "rfcn")
 

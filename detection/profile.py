@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from detection.detector import Detector
+from mimicdet.detection.detector import Detector
 
 MIB = 2**20
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.errors import DataError
-from detection.device import amp_enabled, select_device
+from mimicdet.data.errors import DataError
+from mimicdet.detection.device import amp_enabled, select_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -175,7 +175,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """Loads a checkpoint written by :func:`save_checkpoint` (plain tensors and JSON types only)."""
-    from detection.checkpoints import load_weights_only
+    from mimicdet.detection.checkpoints import load_weights_only
 
     return load_weights_only(path, what="training checkpoint", hint="remove it, or use --overwrite to start the run again")
 
@@ -346,7 +346,7 @@ class ProgressBarHook(Hook):
         self._bar = None
 
     def before_train(self, trainer: "Trainer") -> None:
-        from data.progress import progress_bar
+        from mimicdet.data.progress import progress_bar
 
         self._bar = progress_bar(
             total=trainer.config.iters,

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from student.family import width_label
+from mimicdet.student.family import width_label
 
 MODES = ("quick", "default", "study")
 SETTINGS = ("same-data", "limited", "limited+pool")
@@ -172,11 +172,11 @@ class Demo:
 
     def data_root(self) -> Path:
         if self.cfg.data is not None:
-            from data.summary import describe_voc
+            from mimicdet.data.summary import describe_voc
 
             self.echo(describe_voc(Path(self.cfg.data)))
             return Path(self.cfg.data)
-        from data.synthetic import SyntheticConfig, ensure_dataset
+        from mimicdet.data.synthetic import SyntheticConfig, ensure_dataset
 
         root = self.out / "data"
         b = self.b
@@ -200,7 +200,7 @@ class Demo:
 
     def teacher(self, root: Path, split: str, *, name: str = "teacher", width: float | None = None,
                 subset: int | None = None, subset_seed: int = 0) -> Path:
-        from pipeline.teacher import TeacherConfig, train_teacher
+        from mimicdet.pipeline.teacher import TeacherConfig, train_teacher
 
         b, run = self.b, self.out / name
         width = b.teacher_width if width is None else width
@@ -212,7 +212,7 @@ class Demo:
         return run / "model.pt"
 
     def store(self, teacher: Path, root: Path, split: str, *, tag: str = "", dtype: str = "float16") -> str:
-        from pipeline.extract import ExtractConfig, run_extract
+        from mimicdet.pipeline.extract import ExtractConfig, run_extract
 
         url = self.out / "stores" / f"{split}{tag}"
         done = self.out / "stores" / f"{split}{tag}.done"
@@ -234,7 +234,7 @@ class Demo:
                 unlabeled: str | tuple[str, ...] | None = None,
                 unlabeled_split: str | None = None, scale: bool = False, mimic_norm: str = "none",
                 curves_split: str = "test") -> Path:
-        from student.train import StudentConfig, run_train_student
+        from mimicdet.student.train import StudentConfig, run_train_student
 
         b, run = self.b, self.out / "students" / name
         cfg = StudentConfig(
@@ -266,10 +266,10 @@ class Demo:
     # -- evaluation
 
     def evaluate(self, name: str, model_path: Path, root: Path, *, detection: bool) -> dict:
-        from data import load_dataset
-        from detection.detector import load_detector
-        from detection.evaluate import evaluate_model, report_json
-        from detection.metrics import to_jsonable
+        from mimicdet.data import load_dataset
+        from mimicdet.detection.detector import load_detector
+        from mimicdet.detection.evaluate import evaluate_model, report_json
+        from mimicdet.detection.metrics import to_jsonable
 
         path = self.eval_dir / f"{name}.json"
 
@@ -399,7 +399,7 @@ class Demo:
     def _control_teacher(self, root: Path, parts: dict, seed: int) -> tuple[str, Path]:
         """The control teacher for ``seed``'s labelled images: one for all seeds when they get every labelled
         image (the built-in set), else one per seed (a user dataset's seeded subset)."""
-        from data import load_dataset
+        from mimicdet.data import load_dataset
 
         b = self.b
         if self._labelled_count is None:
@@ -482,7 +482,7 @@ class Demo:
     # -- report
 
     def report(self, rows: list[dict], root: Path, parts: dict) -> dict:
-        from detection.metrics.significance import mcnemar, paired_bootstrap_map
+        from mimicdet.detection.metrics.significance import mcnemar, paired_bootstrap_map
 
         self._side_by_side_latency(rows)
         teacher_ms = rows[0]["ms_per_image"]
@@ -522,9 +522,9 @@ class Demo:
     def _side_by_side_latency(self, rows: list[dict]) -> None:
         """ms/image of the teacher and every full-size-input student, timed round-robin in this one run, so
         the speed-ups are ratios measured side by side (half-size scale-mimic students keep their own figure)."""
-        from detection.detector import load_detector
-        from detection.device import select_device
-        from detection.profile import profile_models
+        from mimicdet.detection.detector import load_detector
+        from mimicdet.detection.device import select_device
+        from mimicdet.detection.profile import profile_models
 
         models = {r["label"]: load_detector(r["model_path"])[0] for r in rows
                   if r.get("model_path") and r.get("input_scale", 1.0) == 1.0}
@@ -537,7 +537,7 @@ class Demo:
                 r["latency"] = f"side by side at {side}x{side}"
 
     def plots(self, rows: list[dict]) -> None:
-        from detection.metrics import plots
+        from mimicdet.detection.metrics import plots
 
         folder = self.out / ("plots" if self.cfg.report_split == "test" else f"plots-{self.cfg.report_split}")
         folder.mkdir(parents=True, exist_ok=True)
@@ -573,7 +573,7 @@ def _older_logits_match(run: Path) -> tuple[str, str] | None:
     ``logits_balance`` in their config; students written before the weight moved to ``DEFAULT_LOGITS_WEIGHT``
     record another ``logits_weight`` (``null``: the older default, 1).
     """
-    from student.train import DEFAULT_LOGITS_WEIGHT
+    from mimicdet.student.train import DEFAULT_LOGITS_WEIGHT
 
     config = run / "student_config.json"
     if not (run / "model.pt").exists() or not config.exists():

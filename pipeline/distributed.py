@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from data.progress import progress_bar
-from data.records import Dataset, ImageRecord
-from data.transforms import Preprocess
+from mimicdet.data.progress import progress_bar
+from mimicdet.data.records import Dataset, ImageRecord
+from mimicdet.data.transforms import Preprocess
 
 # Set by LocalCluster workers we start; a task reads it to size torch's thread pool.
 _THREADS_ENV = "MIMICDET_WORKER_THREADS"
@@ -26,8 +26,8 @@ _THREADS_ENV = "MIMICDET_WORKER_THREADS"
 @lru_cache(maxsize=2)
 def _worker_teacher(path: str, device: str):
     """The teacher, loaded once per worker process (tasks of the same run reuse it)."""
-    from pipeline.extract import load_teacher
-    from detection.device import select_device as resolve_device
+    from mimicdet.pipeline.extract import load_teacher
+    from mimicdet.detection.device import select_device as resolve_device
 
     threads = int(os.environ.get(_THREADS_ENV, "0"))
     if threads:
@@ -50,8 +50,8 @@ def extract_shard_task(
     batch_size: int,
 ) -> int:
     """One Dask task: compute and write one shard. Returns the number of images written."""
-    from data.featurestore import open_writer
-    from pipeline.extract import extract_shard
+    from mimicdet.store import open_writer
+    from mimicdet.pipeline.extract import extract_shard
 
     teacher = _worker_teacher(teacher_path, device)
     per_flip = extract_shard(

@@ -1,5 +1,5 @@
 """The offline teacher pass: run a trained teacher once over a dataset and write its feature maps, top-K
-proposals and head outputs into a feature store (data/featurestore.py).
+proposals and head outputs into a feature store (the mimicdet.store package).
 
 Shapes per image i: features ``[C, h_i, w_i]`` (stride-16 map of the preprocessed input), proposals
 ``float32[k,4]`` x1y1x2y2 in preprocessed-input pixels, scores ``float32[k]``, class logits ``float32[k, Kc]``,
@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-from data import load_dataset
-from data.errors import DataError, StoreError
-from data.featurestore import ImageFeatures, Manifest, create_store
-from data.loader import DetectionImages, collate
-from data.paths import check_output_apart
-from data.progress import progress_bar
-from data.records import Dataset, ImageRecord
-from data.transforms import Preprocess, resize_params
-from detection.checkpoints import file_sha256
-from detection.detector import Detector, load_detector
-from detection.device import select_device as resolve_device
+from mimicdet.data import load_dataset
+from mimicdet.data.errors import DataError, StoreError
+from mimicdet.store import ImageFeatures, Manifest, create_store
+from mimicdet.data.loader import DetectionImages, collate
+from mimicdet.data.paths import check_output_apart
+from mimicdet.data.progress import progress_bar
+from mimicdet.data.records import Dataset, ImageRecord
+from mimicdet.data.transforms import Preprocess, resize_params
+from mimicdet.detection.checkpoints import file_sha256
+from mimicdet.detection.detector import Detector, load_detector
+from mimicdet.detection.device import select_device as resolve_device
 
 FEATURE_LAYER = "inception4e"
 
@@ -347,7 +347,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         raise DataError(f"{cfg.data}: split {cfg.split!r} has no images")
     manifest = build_manifest(teacher=teacher, meta=meta, teacher_sha=sha, dataset=dataset, pre=pre, cfg=cfg)
     if cfg.scheduler:
-        from pipeline.distributed import check_scheduler
+        from mimicdet.pipeline.distributed import check_scheduler
 
         check_scheduler(cfg.scheduler)
     writer = create_store(
@@ -357,7 +357,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     done_before = manifest.num_shards - len(shards)
     try:
         if shards and (cfg.workers or cfg.scheduler):
-            from pipeline.distributed import extract_on_dask
+            from mimicdet.pipeline.distributed import extract_on_dask
 
             writer.close()
             extract_on_dask(cfg, manifest, dataset, shards)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from data.errors import DataError
-from data.paths import check_output_apart
-from data.records import Dataset
-from detection.trainer import (
+from mimicdet.data.errors import DataError
+from mimicdet.data.paths import check_output_apart
+from mimicdet.data.records import Dataset
+from mimicdet.detection.trainer import (
     CHECKPOINT_NAME,
     Hook,
     OptimConfig,
@@ -34,8 +34,8 @@ from detection.trainer import (
 )
 
 if TYPE_CHECKING:  # torchvision-heavy modules are imported when a run starts, not at CLI start-up
-    from data.transforms import Preprocess
-    from detection.detector import DetectorConfig
+    from mimicdet.data.transforms import Preprocess
+    from mimicdet.detection.detector import DetectorConfig
 
 MODEL_NAME = "model.pt"
 RUN_NAME = "run.json"
@@ -184,7 +184,7 @@ def _claim_run(out: Path, identity: dict, overwrite: bool) -> None:
 
 def _datasets(config: TeacherConfig) -> tuple[Dataset, Dataset | None]:
     """The labelled training split, and the held-out split when periodic evaluation is on."""
-    from data import load_dataset
+    from mimicdet.data import load_dataset
 
     train_set = labelled_only(load_dataset(config.data, config.split).seeded_subset(config.subset, config.subset_seed))
     if config.eval_every == 0:
@@ -196,7 +196,7 @@ def _datasets(config: TeacherConfig) -> tuple[Dataset, Dataset | None]:
 
 
 def _preprocess(config: TeacherConfig) -> Preprocess:
-    from data.transforms import Preprocess
+    from mimicdet.data.transforms import Preprocess
 
     if config.init_from is not None:
         # torchvision's GoogLeNet weights expect (x - 0.5) / 0.5 inputs (its transform_input=True).
@@ -205,7 +205,7 @@ def _preprocess(config: TeacherConfig) -> Preprocess:
 
 
 def _detector_config(config: TeacherConfig, num_classes: int) -> DetectorConfig:
-    from detection.detector import DetectorConfig
+    from mimicdet.detection.detector import DetectorConfig
 
     sizes, ratios = config.anchors()
     return DetectorConfig(num_classes=num_classes, width=config.width, head=config.head,
@@ -216,10 +216,10 @@ def train_teacher(config: TeacherConfig, *, hooks: Sequence[Hook] = ()) -> dict:
     """Trains (or resumes) the teacher described by ``config``; returns a summary with the model path.
 
     ``hooks`` run after the usual ones (metrics log, evaluation, checkpoint, progress bar)."""
-    from data.loader import DetectionImages, IterationSampler, make_loader
-    from detection.backbone import load_googlenet_weights
-    from detection.detector import build_detector, save_detector
-    from detection.evaluate import evaluate_model, headline
+    from mimicdet.data.loader import DetectionImages, IterationSampler, make_loader
+    from mimicdet.detection.backbone import load_googlenet_weights
+    from mimicdet.detection.detector import build_detector, save_detector
+    from mimicdet.detection.evaluate import evaluate_model, headline
 
     if config.init_from is not None and not Path(config.init_from).is_file():
         raise FileNotFoundError(f"--init-from: weights file not found: {config.init_from}")

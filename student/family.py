@@ -153,7 +153,7 @@ def _check_run_folder(cfg: FamilyConfig) -> None:
 
 
 def _student_config(cfg: FamilyConfig, width: float, stage: int, progress: bool):
-    from student.train import StudentConfig
+    from mimicdet.student.train import StudentConfig
 
     folder = cfg.out / width_tag(width)
     common = dict(
@@ -172,7 +172,7 @@ def _student_config(cfg: FamilyConfig, width: float, stage: int, progress: bool)
 
 def train_members(cfg: FamilyConfig, echo: Callable[[str], None] = print) -> dict[float, dict]:
     """Trains whatever is missing; returns ``{width: {"model": final model.pt, "trained": "now" | "earlier"}}``."""
-    from student.train import run_train_student
+    from mimicdet.student.train import run_train_student
 
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     members = {}
@@ -199,8 +199,8 @@ def train_members(cfg: FamilyConfig, echo: Callable[[str], None] = print) -> dic
 
 def _accuracy(model, meta: dict, dataset, model_path: Path, cache: Path, cfg: FamilyConfig, name: str) -> dict:
     """``evaluate_model``'s summary (no profile), reused while the model file and the data are unchanged."""
-    from detection.checkpoints import file_sha256
-    from detection.evaluate import evaluate_model
+    from mimicdet.detection.checkpoints import file_sha256
+    from mimicdet.detection.evaluate import evaluate_model
 
     key = {"model_sha256": file_sha256(model_path), "dataset_digest": dataset.digest(),
            "split": cfg.eval_split, "max_images": cfg.eval_max_images, "metrics": list(EVAL_METRICS)}
@@ -222,9 +222,9 @@ def _eval_subset(dataset, max_images: int | None):
 def _cost(models: dict[str, tuple[Any, dict]], data, cfg: FamilyConfig) -> dict[str, dict]:
     """Parameters, GFLOPs and latency of every model in one round-robin timing per input size (one size,
     unless members were preprocessed differently)."""
-    from detection.device import select_device
-    from detection.evaluate import typical_input_size
-    from detection.profile import profile_models
+    from mimicdet.detection.device import select_device
+    from mimicdet.detection.evaluate import typical_input_size
+    from mimicdet.detection.profile import profile_models
 
     dev = select_device(cfg.device)
     groups: dict[tuple[int, int], dict[str, Any]] = {}
@@ -273,9 +273,9 @@ def pick_within_budget(rows: list[dict], budget_ms: float, metric: str) -> dict:
 
 def evaluate_family(cfg: FamilyConfig, members: dict[float, dict], echo: Callable[[str], None] = print) -> dict:
     """Scores every member (and the teacher) on ``cfg.eval_split``; returns the family report (not yet written)."""
-    from data import load_dataset
-    from detection.checkpoints import file_sha256
-    from detection.detector import load_detector
+    from mimicdet.data import load_dataset
+    from mimicdet.detection.checkpoints import file_sha256
+    from mimicdet.detection.detector import load_detector
 
     models: dict[str, tuple[Any, dict]] = {}
     paths: dict[str, Path] = {}
@@ -376,7 +376,7 @@ def format_family_table(report: dict) -> str:
 
 def plot_family(report: dict, path: Path) -> Path | None:
     """Accuracy (the stage's metric) against ms/image, one point per width, the teacher as a star."""
-    from detection.metrics.plots import plot_speed_accuracy
+    from mimicdet.detection.metrics.plots import plot_speed_accuracy
 
     metric = report["metric"]
     points = [(f"w {r['width_label']}", r["ms_per_image"], r[metric]) for r in report["rows"] if r.get(metric) is not None]
@@ -389,7 +389,7 @@ def plot_family(report: dict, path: Path) -> Path | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from detection.metrics import to_jsonable
+    from mimicdet.detection.metrics import to_jsonable
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".partial")

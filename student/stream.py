@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.errors import DataError, StoreError
-from data.featurestore import StoreReader, check_dataset, open_store, verify_store
-from data.loader import Batch, DetectionImages, IterationSampler, collate, loader_generator, mix_seeds
-from data.records import Dataset
+from mimicdet.data.errors import DataError, StoreError
+from mimicdet.store import StoreReader, check_dataset, open_store, verify_store
+from mimicdet.data.loader import Batch, DetectionImages, IterationSampler, collate, loader_generator, mix_seeds
+from mimicdet.data.records import Dataset
 
 # A key addresses one item of one source: (source, index, flip, iteration); source 0 = labelled,
 # 1 = unlabelled. The iteration travels with the batch so per-step randomness can be a function of it.
@@ -335,7 +335,7 @@ def channel_stats(store: StoreReader, *, max_images: int = 64) -> tuple[torch.Te
 
 
 def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | None = None) -> StoreReader:
-    """Open a store, check it was made from ``dataset`` by `data.featurestore.check_dataset`, the rule
+    """Open a store, check it was made from ``dataset`` by `mimicdet.store.check_dataset`, the rule
     `mimic verify-store --data` applies (every image id present; when it holds exactly those images, the digest of
     ids and image sizes decides, not the dataset folder's name), and that it is complete."""
     store = open_store(store_url, storage_options=storage_options or None)

@@ -38,17 +38,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from data import load_dataset
-from data.errors import StoreError
-from data.featurestore import StoreReader, open_store
-from data.loader import DetectionImages, mix_seeds
-from data.paths import check_output_apart
-from data.summary import small_object_warning
-from data.records import Dataset
-from data.transforms import Preprocess
-from detection.checkpoints import file_sha256
-from detection.detector import Detector, DetectorConfig, build_detector, load_detector, save_detector
-from detection.trainer import (
+from mimicdet.data import load_dataset
+from mimicdet.data.errors import StoreError
+from mimicdet.store import StoreReader, open_store
+from mimicdet.data.loader import DetectionImages, mix_seeds
+from mimicdet.data.paths import check_output_apart
+from mimicdet.data.summary import small_object_warning
+from mimicdet.data.records import Dataset
+from mimicdet.data.transforms import Preprocess
+from mimicdet.detection.checkpoints import file_sha256
+from mimicdet.detection.detector import Detector, DetectorConfig, build_detector, load_detector, save_detector
+from mimicdet.detection.trainer import (
     CheckpointHook,
     EvalHook,
     MetricsLogHook,
@@ -58,8 +58,8 @@ from detection.trainer import (
     Trainer,
     clear_run_files,
 )
-from student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss
-from student.stream import MimicImages, MixedSampler, channel_stats, check_source, make_mimic_loader, open_source
+from mimicdet.student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss
+from mimicdet.student.stream import MimicImages, MixedSampler, channel_stats, check_source, make_mimic_loader, open_source
 
 CONFIG_NAME = "student_config.json"  # the run identity a rerun is compared with
 
@@ -675,7 +675,7 @@ def _init_dist(device: str) -> torch.device:
 
     import torch.distributed as dist
 
-    from detection.device import select_device
+    from mimicdet.detection.device import select_device
 
     dev = select_device(device)
     if dev.type == "cuda":
@@ -712,7 +712,7 @@ def _student_meta(cfg: StudentConfig, dataset: Dataset, manifest, pre: Preproces
 
 
 def _recall_eval(cfg: StudentConfig, meta: dict):
-    from detection.evaluate import evaluate_model
+    from mimicdet.detection.evaluate import evaluate_model
 
     eval_set = load_dataset(cfg.data, cfg.eval_split)
 

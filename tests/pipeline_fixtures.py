@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.transforms import Preprocess
-from detection.detector import DetectorConfig, build_detector, save_detector
+from mimicdet.data.transforms import Preprocess
+from mimicdet.detection.detector import DetectorConfig, build_detector, save_detector
 
 CLASSES = ("blue", "red")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}

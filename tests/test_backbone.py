@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.models import googlenet
 
-from data.errors import DataError
-from detection.backbone import InceptionBackbone, feature_size, load_googlenet_weights, scaled
+from mimicdet.data.errors import DataError
+from mimicdet.detection.backbone import InceptionBackbone, feature_size, load_googlenet_weights, scaled
 
 torch.set_num_threads(1)
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import load_dataset
-from data.caltech import read_caltech
-from data.coco import read_coco
-from data.errors import DataError
-from data.folder import read_image_folder
-from data.images import image_size, load_image
-from data.validate import DataWarning
-from data.voc import read_voc
+from mimicdet.data import load_dataset
+from mimicdet.data.caltech import read_caltech
+from mimicdet.data.coco import read_coco
+from mimicdet.data.errors import DataError
+from mimicdet.data.folder import read_image_folder
+from mimicdet.data.images import image_size, load_image
+from mimicdet.data.validate import DataWarning
+from mimicdet.data.voc import read_voc
 from tests import caltech_fixtures as cf
 from tests.voc_fixtures import annotation_xml, make_voc, obj_xml, write_annotation, write_image, write_split
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import load_dataset
-from data.caltech import read_caltech
-from data.errors import DataError
-from data.images import image_size, load_image
-from data.seq import read_seq_frame, read_seq_header
-from data.validate import DataWarning
+from mimicdet.data import load_dataset
+from mimicdet.data.caltech import read_caltech
+from mimicdet.data.errors import DataError
+from mimicdet.data.images import image_size, load_image
+from mimicdet.data.seq import read_seq_frame, read_seq_header
+from mimicdet.data.validate import DataWarning
 from tests import caltech_fixtures as cf
 
 

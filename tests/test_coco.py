@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from data import load_dataset
-from data.coco import read_coco
+from mimicdet.data import load_dataset
+from mimicdet.data.coco import read_coco
 from tests.voc_fixtures import write_image
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from pipeline.demo import BUDGETS, Demo, DemoConfig
-from student.train import DEFAULT_LOGITS_WEIGHT
+from mimicdet.cli import main
+from mimicdet.pipeline.demo import BUDGETS, Demo, DemoConfig
+from mimicdet.student.train import DEFAULT_LOGITS_WEIGHT
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
 def assert_control_teacher(out, report: dict) -> None:
     """The quick budget gives students 16 of the 24 labelled images, so the control teacher is seed 0's: it trained
     on exactly those 16, and its students' rows carry the paired comparison with the real teacher's students."""
-    from data import load_dataset
+    from mimicdet.data import load_dataset
 
     recorded = json.loads((out / "teacher-control-s0" / "run.json").read_text())["dataset"]
     labelled = load_dataset(out / "data", "train").seeded_subset(16, 0)

@@ -11,8 +11,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from data.errors import DataError
-from detection.detector import (
+from mimicdet.data.errors import DataError
+from mimicdet.detection.detector import (
     Detector,
     DetectorConfig,
     DetectorOutputs,
@@ -20,7 +20,7 @@ from detection.detector import (
     load_detector,
     save_detector,
 )
-from detection.rpn import PEDESTRIAN_ASPECT_RATIOS, FixedStrideAnchorGenerator
+from mimicdet.detection.rpn import PEDESTRIAN_ASPECT_RATIOS, FixedStrideAnchorGenerator
 
 torch.set_num_threads(1)
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from data import load_dataset
-from data.errors import DataError
-from data.records import Dataset, empty_record
-from data.transforms import Preprocess
-from detection.detector import Detector, DetectorConfig
-from detection.evaluate import evaluate_model, format_report, report_json, typical_input_size
+from mimicdet.data import load_dataset
+from mimicdet.data.errors import DataError
+from mimicdet.data.records import Dataset, empty_record
+from mimicdet.data.transforms import Preprocess
+from mimicdet.detection.detector import Detector, DetectorConfig
+from mimicdet.detection.evaluate import evaluate_model, format_report, report_json, typical_input_size
 from tests.test_teacher_cli import write_tiny_voc
 
 PRE = Preprocess(min_size=64, max_size=128)

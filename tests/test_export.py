@@ -13,10 +13,10 @@ import torch
 from click.testing import CliRunner
 from torchvision.ops import ps_roi_align
 
-from cli import main
-from data.transforms import Preprocess
-from detection.detector import Detector, load_detector, save_detector
-from detection.export import (
+from mimicdet.cli import main
+from mimicdet.data.transforms import Preprocess
+from mimicdet.detection.detector import Detector, load_detector, save_detector
+from mimicdet.detection.export import (
     OUTPUT_NAMES,
     ExportConfig,
     InputSizes,
@@ -155,8 +155,8 @@ def test_input_sizes_known_answers():
 def test_default_export_runs_the_datasets_photos_of_every_aspect(photo_checkpoint, tmp_path, fmt):
     """prepare_input -> exported file -> postprocess on landscape, portrait and square photos equals predict on the
     same input mapped back to original pixels; the sidecar says what the file accepts."""
-    from data.images import load_image
-    from data.transforms import prepare
+    from mimicdet.data.images import load_image
+    from mimicdet.data.transforms import prepare
 
     out = tmp_path / f"photo.{fmt}"
     summary = run_export(ExportConfig(checkpoint=photo_checkpoint, format=fmt, out=out))
@@ -198,7 +198,7 @@ def test_fixed_size_export_says_so_and_onnx_refuses_other_sizes(photo_checkpoint
     assert accepts.startswith("Exactly one image [1, 3, 96, 96]") and "exceeds 96 x 96 are refused" in accepts
     with pytest.raises(Exception, match="(?i)dimension|shape"):  # onnxruntime: the input's size is fixed
         onnx_runner(out)(example_input(96, 160).numpy())
-    from data.images import load_image
+    from mimicdet.data.images import load_image
 
     with pytest.raises(ValueError, match="larger than the exported 96x96"):
         prepare_input(load_image(RACCOON / "JPEGImages" / "raccoon-1.jpg"), side)
@@ -434,8 +434,8 @@ def test_cli_missing_output_folder(checkpoints, tmp_path):
 def test_deployment_path_on_a_real_image_matches_predict_in_original_pixels(checkpoints, tmp_path):
     """prepare_input -> onnxruntime -> postprocess on a raccoon photo equals predict + mapping back, when the
     exported input is exactly the image's input size (nothing padded)."""
-    from data.images import load_image
-    from data.transforms import prepare
+    from mimicdet.data.images import load_image
+    from mimicdet.data.transforms import prepare
 
     image = load_image(RACCOON / "JPEGImages" / "raccoon-1.jpg")
     model, meta = load_detector(checkpoints["fast-rcnn"])

@@ -17,13 +17,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
-from data import load_dataset
-from data.featurestore import open_store, verify_store
-from data.loader import DetectionImages, collate
-from data.transforms import Preprocess
-from detection.detector import load_detector
-from pipeline.extract import ExtractConfig, run_extract
+from mimicdet.cli import main
+from mimicdet.data import load_dataset
+from mimicdet.store import open_store, verify_store
+from mimicdet.data.loader import DetectionImages, collate
+from mimicdet.data.transforms import Preprocess
+from mimicdet.detection.detector import load_detector
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
 from tests.pipeline_fixtures import completed_markers, make_squares_voc, make_tiny_teacher, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_overlap_defaults_follow_the_device():
-    from pipeline.extract import loader_workers, writer_thread
+    from mimicdet.pipeline.extract import loader_workers, writer_thread
 
     cfg = ExtractConfig(teacher=Path("t.pt"), data=Path("d"), out="s")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")

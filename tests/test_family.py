@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
-from detection.detector import load_detector
-from pipeline.extract import ExtractConfig, run_extract
-from student.family import FamilyConfig, parse_widths, pick_within_budget, width_label, width_tag
-from student.train import DEFAULT_LOGITS_WEIGHT, StudentConfig
+from mimicdet.cli import main
+from mimicdet.detection.detector import load_detector
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
+from mimicdet.student.family import FamilyConfig, parse_widths, pick_within_budget, width_label, width_tag
+from mimicdet.student.train import DEFAULT_LOGITS_WEIGHT, StudentConfig
 from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
 
 

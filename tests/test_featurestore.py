@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from data.errors import StoreError
-from data.featurestore import (
+from mimicdet.data.errors import StoreError
+from mimicdet.store import (
     ImageFeatures,
     Manifest,
     StoreReader,
@@ -458,7 +457,7 @@ class StoreTests:
         assert "2/3 complete" in describe_store(str(store))
 
     def test_verify_against_dataset(self, tmp_path):
-        from data.records import Dataset, empty_record
+        from mimicdet.data.records import Dataset, empty_record
 
         store = self.filled(tmp_path / "s")
         records = tuple(empty_record(f"img{i:03d}", Path(f"{i}.jpg"), 64, 48) for i in range(N_IMAGES))
@@ -552,7 +551,7 @@ class TestZarrStore(StoreTests):
 
     @pytest.mark.parametrize("dtype", ["float16", "int8"])
     def test_direct_reads_equal_zarrs_own_decoder(self, tmp_path, dtype):
-        from data._store_zarr import ZarrBackend
+        from mimicdet.store.zarr_backend import ZarrBackend
 
         store = self.filled(tmp_path / "s", dtype=dtype, flips=(False, True))  # last shard holds 2 of 4 images
         reader = open_store(str(store))
@@ -577,10 +576,9 @@ class TestZarrStore(StoreTests):
         zarr writes for the same arrays, full and short shards, flipped arrays included."""
         import asyncio
 
+        from mimicdet.store.format import pack_shard
+        from mimicdet.store.zarr_backend import chunk_codecs
         from zarr.core.sync import sync
-
-        from data._store_zarr import chunk_codecs
-        from data.featurestore import _pack
 
         store = self.filled(tmp_path / "s", dtype=dtype, flips=(False, True))  # last shard holds 2 of 4 images
         writer = open_writer(str(store))
@@ -589,8 +587,8 @@ class TestZarrStore(StoreTests):
         for shard in range(m.num_shards):
             ours = {k: (store / k).read_bytes() for k in backend.shard_keys(shard)}
             a, b = m.shard_range(shard)
-            arrays = _pack(m, [make_item(m, i) for i in range(a, b)], "test")
-            arrays |= {"flip/" + k: v for k, v in _pack(m, [make_item(m, i, flip=True) for i in range(a, b)], "test").items()}
+            arrays = pack_shard(m, [make_item(m, i) for i in range(a, b)], "test")
+            arrays |= {"flip/" + k: v for k, v in pack_shard(m, [make_item(m, i, flip=True) for i in range(a, b)], "test").items()}
             amap, zstore = backend._array_map(), backend._open_store()
 
             async def zarr_writes() -> None:
@@ -697,7 +695,7 @@ def test_manifest_diff_names_fields():
 def test_float16_packing_matches_numpys_rounding():
     """Maps are cast through torch (fast); the stored bits must be numpy's: round to nearest even, subnormals,
     Inf past 65504 (and the warning that goes with it), NaN kept."""
-    from data.featurestore import _float32_to_float16, _has_inf16
+    from mimicdet.store.format import _float32_to_float16, _has_inf16
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.standard_normal(40000).astype(np.float32) * s for s in (1e-7, 1e-3, 1, 1e3, 7e4)]
@@ -708,7 +706,7 @@ def test_float16_packing_matches_numpys_rounding():
     got = np.empty_like(want)
     _float32_to_float16(x, out=got)
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
-    crop = np.zeros((3, 4, 5), np.float16)  # a smaller map written into the padded slot, as _pack does
+    crop = np.zeros((3, 4, 5), np.float16)  # a smaller map written into the padded slot, as pack_shard does
     _float32_to_float16(x[:24].reshape(3, 2, 4), out=crop[:, :2, :4])
     np.testing.assert_array_equal(crop[:, :2, :4].view(np.uint16), want[:24].reshape(3, 2, 4).view(np.uint16))
     assert not crop[:, 2:].any() and not crop[:, :, 4:].any()
@@ -716,7 +714,7 @@ def test_float16_packing_matches_numpys_rounding():
 
 
 def test_quantise_int8_known_answer():
-    from data.featurestore import quantise_int8
+    from mimicdet.store import quantise_int8
 
     x = np.array([[[-254.0, 0.0, 127.0]], [[0.0, 0.0, 0.0]], [[1.27, -0.635, 0.3]]], np.float32)
     q, scale = quantise_int8(x)
@@ -726,7 +724,7 @@ def test_quantise_int8_known_answer():
 
 
 def test_quantise_int8_float16_scale_rounds_up():
-    from data.featurestore import quantise_int8
+    from mimicdet.store import quantise_int8
 
     # Channel 2: max 1.3208, scale 0.0104, whose nearest float16 (0.0103989) is below it; the stored scale is the
     # next float16 up, 0.0104065, so 1.3208 / 0.0104065 = 126.9 -> 127 is not clipped. 2.0 and 0.0 are exact.
@@ -745,7 +743,7 @@ def test_quantise_int8_float16_scale_rounds_up():
 
 
 def test_cli_inspect_and_verify(tmp_path):
-    from cli import main
+    from mimicdet.cli import main
 
     store = tmp_path / "s"
     create_store(str(store), make_manifest()).close()
@@ -768,8 +766,9 @@ def test_cli_inspect_and_verify(tmp_path):
 
 
 def test_cli_verify_against_real_dataset(tmp_path):
-    from cli import main
-    from data import load_dataset
+    from mimicdet.cli import main
+    from mimicdet.data import load_dataset
+
     from tests.voc_fixtures import RACCOON
 
     dataset = load_dataset(RACCOON, "test")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from data.featurestore import create_store, inspect_store, open_store, open_writer, verify_store
+from mimicdet.store import create_store, inspect_store, open_store, open_writer, verify_store
 from tests.test_featurestore import N_IMAGES, assert_same, make_item, make_manifest, write_shards
 
 BUCKET = "mimicdet-features"
@@ -91,7 +91,7 @@ def test_s3_round_trip_resume_and_verify(s3, backend):
 
 
 def test_s3_endpoint_from_environment_for_cli(s3, monkeypatch):
-    from cli import main
+    from mimicdet.cli import main
 
     endpoint, options = s3
     url = f"s3://{BUCKET}/cli"

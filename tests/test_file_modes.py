@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from detection.checkpoints import current_umask, follow_umask
-from detection.detector import Detector, DetectorConfig, save_detector
+from mimicdet.detection.checkpoints import current_umask, follow_umask
+from mimicdet.detection.detector import Detector, DetectorConfig, save_detector
 
 
 @pytest.fixture
@@ -37,8 +37,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _write_artifacts(folder: Path, checkpoint: Path) -> list[Path]:
-    from detection.export import ExportConfig, run_export
-    from detection.metrics.plots import plot_lines
+    from mimicdet.detection.export import ExportConfig, run_export
+    from mimicdet.detection.metrics.plots import plot_lines
 
     folder.mkdir()
     torch.manual_seed(0)
@@ -64,8 +64,8 @@ def test_atomic_artifacts_follow_the_umask(tmp_path, checkpoint, umask, mask, ex
 
 def test_onnx_export_and_coco_results_follow_the_umask(tmp_path, checkpoint, umask):
     pytest.importorskip("onnxruntime")
-    from detection.export import ExportConfig, run_export
-    from detection.metrics.coco import COCOEvaluator
+    from mimicdet.detection.export import ExportConfig, run_export
+    from mimicdet.detection.metrics.coco import COCOEvaluator
 
     umask(0o022)
     out = tmp_path / "m.onnx"
@@ -87,7 +87,7 @@ def test_follow_umask_on_a_mkdtemp_folder(tmp_path, umask):
 
 def test_synthetic_dataset_folder_follows_the_umask(tmp_path, umask):
     """The synthetic dataset is built in a mkdtemp folder (0700) renamed into place."""
-    from data.synthetic import SyntheticConfig, ensure_dataset
+    from mimicdet.data.synthetic import SyntheticConfig, ensure_dataset
 
     umask(0o022)
     config = SyntheticConfig(out=tmp_path / "synth", train=1, test=0, pool=0, size=64, seed=4, workers=1,

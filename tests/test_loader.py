@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from data.loader import DetectionImages, EvalSampler, IterationSampler, collate, make_loader
-from data.transforms import Preprocess
-from data.voc import read_voc
+from mimicdet.data.loader import DetectionImages, EvalSampler, IterationSampler, collate, make_loader
+from mimicdet.data.transforms import Preprocess
+from mimicdet.data.voc import read_voc
 from tests.voc_fixtures import make_voc, obj_xml
 
 PRE = Preprocess(min_size=32, max_size=64)

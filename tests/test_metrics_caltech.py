@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.records import ImageRecord
-from detection.metrics.caltech import (
+from mimicdet.data.records import ImageRecord
+from mimicdet.detection.metrics.caltech import (
     REFERENCE_FPPI,
     CaltechConfig,
     CaltechEvaluator,

@@ -13,8 +13,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data.records import ImageRecord
-from detection.metrics.coco import STAT_NAMES, COCOEvaluator
+from mimicdet.data.records import ImageRecord
+from mimicdet.detection.metrics.coco import STAT_NAMES, COCOEvaluator
 
 
 def record(image_id, boxes, labels, ignore=None) -> ImageRecord:

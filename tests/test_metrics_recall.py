@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.records import ImageRecord
-from detection.metrics.recall import (
+from mimicdet.data.records import ImageRecord
+from mimicdet.detection.metrics.recall import (
     AR_THRESHOLDS,
     ProposalRecallEvaluator,
     RecallConfig,
     best_overlaps,
     per_box_hits,
 )
-from detection.metrics.significance import mcnemar, paired_bootstrap
+from mimicdet.detection.metrics.significance import mcnemar, paired_bootstrap
 
 
 def record(image_id, boxes, ignore=None, labels=None) -> ImageRecord:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.records import ImageRecord, empty_record
-from detection.metrics.voc import VOCConfig, VOCEvaluator, pr_curve, voc_ap, voc_match
+from mimicdet.data.records import ImageRecord, empty_record
+from mimicdet.detection.metrics.voc import VOCConfig, VOCEvaluator, pr_curve, voc_ap, voc_match
 
 
 def record(image_id, boxes, labels, ignore=None) -> ImageRecord:
@@ -160,7 +160,7 @@ def _evaluated(recs, detections) -> VOCEvaluator:
 
 
 def test_weighted_map_with_unit_weights_is_the_evaluators_map():
-    from detection.metrics.significance import _weighted_map
+    from mimicdet.detection.metrics.significance import _weighted_map
 
     ev = _evaluated(*_random_set(0))
     res, per = ev.evaluate(), ev.per_image()
@@ -171,7 +171,7 @@ def test_weighted_map_with_unit_weights_is_the_evaluators_map():
 
 def test_weights_count_images_as_drawn_with_replacement():
     # Drawing image 0 twice, image 1 never, the rest once must score like an evaluator fed exactly that list.
-    from detection.metrics.significance import _weighted_map
+    from mimicdet.detection.metrics.significance import _weighted_map
 
     recs, detections = _random_set(1)
     weights = np.ones(30)
@@ -184,7 +184,7 @@ def test_weights_count_images_as_drawn_with_replacement():
 
 
 def test_paired_bootstrap_map_separates_a_good_model_from_a_poor_one():
-    from detection.metrics.significance import paired_bootstrap_map
+    from mimicdet.detection.metrics.significance import paired_bootstrap_map
 
     recs, good = _random_set(2, images=60, noise=1.0)
     _, poor = _random_set(2, images=60, noise=12.0)
@@ -200,7 +200,7 @@ def test_paired_bootstrap_map_separates_a_good_model_from_a_poor_one():
 
 
 def test_paired_bootstrap_map_refuses_different_images():
-    from detection.metrics.significance import paired_bootstrap_map
+    from mimicdet.detection.metrics.significance import paired_bootstrap_map
 
     recs, detections = _random_set(3)
     a = _evaluated(recs, detections).per_image()
@@ -211,7 +211,7 @@ def test_paired_bootstrap_map_refuses_different_images():
 
 def test_paired_bootstrap_map_of_a_model_without_detections():
     # A detector that outputs nothing has AP 0 on every class with positives (as the evaluator says).
-    from detection.metrics.significance import paired_bootstrap_map
+    from mimicdet.detection.metrics.significance import paired_bootstrap_map
 
     recs, detections = _random_set(4)
     empty = [dets(np.zeros((0, 4)), [], []) for _ in recs]

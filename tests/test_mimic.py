@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from student import mimic
-from student.mimic import (
+from mimicdet.student import mimic
+from mimicdet.student.mimic import (
     MimicConfig,
     MimicTransform,
     RoIMimic,

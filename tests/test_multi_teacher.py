@@ -11,18 +11,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
-from data import load_dataset
-from data.errors import StoreError
-from data.featurestore import open_store
-from data.loader import DetectionImages
-from data.transforms import Preprocess
-from detection.trainer import load_checkpoint
-from detection.detector import load_detector
-from pipeline.extract import ExtractConfig, run_extract
-from student.mimic import MimicTransform
-from student.stream import MimicImages, MixedSampler, make_mimic_loader
-from student.train import StudentConfig, StudentModel, build_student, run_train_student
+from mimicdet.cli import main
+from mimicdet.data import load_dataset
+from mimicdet.data.errors import StoreError
+from mimicdet.store import open_store
+from mimicdet.data.loader import DetectionImages
+from mimicdet.data.transforms import Preprocess
+from mimicdet.detection.trainer import load_checkpoint
+from mimicdet.detection.detector import load_detector
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
+from mimicdet.student.mimic import MimicTransform
+from mimicdet.student.stream import MimicImages, MixedSampler, make_mimic_loader
+from mimicdet.student.train import StudentConfig, StudentModel, build_student, run_train_student
 from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
 
 WIDTH_A, WIDTH_B = 0.125, 0.25  # teacher maps of 104 and 208 channels
@@ -162,7 +162,7 @@ def test_each_teacher_through_its_own_transform_known_answers(setup, mimic):
 
 
 def test_resume_with_two_teachers_gives_the_same_weights(setup, monkeypatch):
-    from detection.trainer import Trainer
+    from mimicdet.detection.trainer import Trainer
 
     full, crashed = setup / "two-full", setup / "two-crashed"
     run_train_student(_cfg(setup, full.name, teacher_weights=(1.0, 0.5)))

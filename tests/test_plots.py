@@ -8,11 +8,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from data.records import ImageRecord
-from detection.metrics.caltech import CaltechEvaluator
-from detection.metrics.plots import plot_lines, plot_mr_fppi, plot_pr_curves, plot_recall_iou, plot_speed_accuracy
-from detection.metrics.recall import ProposalRecallEvaluator
-from detection.metrics.voc import VOCEvaluator
+from mimicdet.data.records import ImageRecord
+from mimicdet.detection.metrics.caltech import CaltechEvaluator
+from mimicdet.detection.metrics.plots import plot_lines, plot_mr_fppi, plot_pr_curves, plot_recall_iou, plot_speed_accuracy
+from mimicdet.detection.metrics.recall import ProposalRecallEvaluator
+from mimicdet.detection.metrics.voc import VOCEvaluator
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -78,7 +78,7 @@ def test_plot_input_errors(tmp_path):
 @pytest.fixture
 def figures(monkeypatch):
     """The figures the plot functions save, in order (the PNGs are still written)."""
-    from detection.metrics import plots
+    from mimicdet.detection.metrics import plots
 
     saved = []
     real = plots._save
@@ -123,7 +123,7 @@ def test_speed_accuracy_refuses_a_percentage(tmp_path):
 
 
 def test_console_report_shows_ap_in_percent_like_the_plots():
-    from detection.evaluate import format_report
+    from mimicdet.detection.evaluate import format_report
 
     summary = {"mAP@0.5_11pt": 0.5, "mAP@0.5_area": 0.5512, "coco_AP": 0.25, "coco_AP50": 0.5, "coco_AP75": 0.2,
                "coco_APs": 0.1, "coco_APm": 0.3, "coco_APl": float("nan"), "LAMR": 0.42}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from detection.detector import DetectorConfig, build_detector
-from detection.profile import latency_summary, profile_model, profile_models
+from mimicdet.detection.detector import DetectorConfig, build_detector
+from mimicdet.detection.profile import latency_summary, profile_model, profile_models
 
 torch.set_num_threads(1)
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
-from data.errors import StoreError
-from detection.detector import load_detector
-from pipeline.extract import ExtractConfig, run_extract
-from student.train import StudentConfig, run_train_student
+from mimicdet.cli import main
+from mimicdet.data.errors import StoreError
+from mimicdet.detection.detector import load_detector
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
+from mimicdet.student.train import StudentConfig, run_train_student
 from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_stage2_two_stage_mimic_and_logits_only(setup):
     # Stage 2 starts from the stage-1 backbone exactly.
     s1_model, _ = load_detector(s1 / "model.pt")
     fresh = StudentConfig(**{**_cfg(setup, "unused", stage=2, init=s1 / "model.pt").__dict__})
-    from student.train import build_student
+    from mimicdet.student.train import build_student
 
     s2_model = build_student(fresh, ("blue", "red"))
     for k, v in s1_model.backbone.state_dict().items():
@@ -114,7 +114,7 @@ def test_store_of_another_split_is_refused(setup):
 
 
 def test_resume_after_a_crash_gives_the_same_weights(setup, monkeypatch):
-    from detection.trainer import Trainer
+    from mimicdet.detection.trainer import Trainer
 
     a, b = setup / "full", setup / "crashed"
     run_train_student(_cfg(setup, a.name, iters=6))
@@ -215,8 +215,8 @@ def test_torchrun_two_processes_agree_with_one(setup, tmp_path):
 def test_channel_stats_are_the_mean_and_std_of_the_stored_cells(setup):
     import numpy as np
 
-    from data.featurestore import open_store
-    from student.stream import channel_stats
+    from mimicdet.store import open_store
+    from mimicdet.student.stream import channel_stats
 
     store = open_store(str(setup / "store"))
     mean, std = channel_stats(store)

@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
-from data.records import Dataset, ImageRecord
-from data.summary import describe_voc, SIZE_BUCKETS, draw_preview, format_summary, summarize
-from data.synthetic import CLASSES, JPEG_QUALITY, SPLITS, SyntheticConfig, ensure_dataset, load_sources, render_image
-from data.voc import read_voc
+from mimicdet.cli import main
+from mimicdet.data.records import Dataset, ImageRecord
+from mimicdet.data.summary import describe_voc, SIZE_BUCKETS, draw_preview, format_summary, summarize
+from mimicdet.data.synthetic import CLASSES, JPEG_QUALITY, SPLITS, SyntheticConfig, ensure_dataset, load_sources, render_image
+from mimicdet.data.voc import read_voc
 
 from tests.voc_fixtures import RACCOON
 REPO = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
-from detection.detector import load_detector
-from detection.trainer import Hook, load_checkpoint
-from pipeline.teacher import TeacherConfig, train_teacher
+from mimicdet.cli import main
+from mimicdet.detection.detector import load_detector
+from mimicdet.detection.trainer import Hook, load_checkpoint
+from mimicdet.pipeline.teacher import TeacherConfig, train_teacher
 
 from tests.voc_fixtures import RACCOON
 
@@ -198,7 +198,7 @@ def test_bad_options_give_one_line_errors(tiny_voc, tmp_path):
 def test_subset_trains_on_the_images_a_student_subset_draws(tiny_voc, tmp_path):
     """A control teacher (--subset N --subset-seed S) learns from exactly the N images train-student's --subset
     gives a student of seed S, and no others."""
-    from data import load_dataset
+    from mimicdet.data import load_dataset
 
     train = load_dataset(tiny_voc, "train")
     picks = {seed: train.seeded_subset(2, seed) for seed in range(6)}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from detection.trainer import (
+from mimicdet.detection.trainer import (
     CheckpointHook,
     EvalHook,
     Hook,

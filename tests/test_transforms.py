@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import DataError
-from data.transforms import (
+from mimicdet.data.errors import DataError
+from mimicdet.data.transforms import (
     Preprocess,
     PrepParams,
     apply_params,

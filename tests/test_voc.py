@@ -3,10 +3,10 @@ import warnings
 import numpy as np
 import pytest
 
-from data import load_dataset
-from data.images import load_image
-from data.validate import DataWarning
-from data.voc import read_voc
+from mimicdet.data import load_dataset
+from mimicdet.data.images import load_image
+from mimicdet.data.validate import DataWarning
+from mimicdet.data.voc import read_voc
 from tests.voc_fixtures import RACCOON, annotation_xml, make_voc, obj_xml, write_annotation, write_image
 
 

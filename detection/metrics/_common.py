@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data.records import ImageRecord
+from mimicdet.data.records import ImageRecord
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:

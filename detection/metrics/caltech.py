@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data.records import ImageRecord
+from mimicdet.data.records import ImageRecord
 
 from ._common import box_ioa, box_iou, check_detections, check_record, descending
 

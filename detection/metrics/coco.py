@@ -29,7 +29,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data.records import ImageRecord
+from mimicdet.data.records import ImageRecord
 
 from ._common import box_area, check_detections, check_labels, check_record
 
@@ -112,7 +112,7 @@ class COCOEvaluator:
         """Write the COCO results JSON atomically (temp file in the same folder, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        from detection.checkpoints import follow_umask
+        from mimicdet.detection.checkpoints import follow_umask
 
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
         try:

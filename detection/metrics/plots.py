@@ -45,7 +45,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"plot path must end in .png, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from detection.checkpoints import follow_umask
+    from mimicdet.detection.checkpoints import follow_umask
 
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from data.records import ImageRecord
+from mimicdet.data.records import ImageRecord
 
 from ._common import box_iou, check_detections, check_record, descending
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from data.records import ImageRecord
+from mimicdet.data.records import ImageRecord
 
 from ._common import box_iou, check_detections, check_labels, check_record, descending
 

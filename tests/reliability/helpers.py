@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from click.testing import CliRunner, Result
 
-from cli import main
-from data.featurestore import open_store, open_writer, verify_store
+from mimicdet.cli import main
+from mimicdet.store import open_store, open_writer, verify_store
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, str(REPO / "cli.py")]

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torchvision
 
-from data.featurestore import create_store, open_store
-from pipeline.extract import ExtractConfig, run_extract
+from mimicdet.store import create_store, open_store
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
 from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
 from tests.reliability.helpers import STUDENT, assert_refused, cli, tree
 

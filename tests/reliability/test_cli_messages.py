@@ -11,7 +11,7 @@ import time
 import click
 import pytest
 
-from cli import main
+from mimicdet.cli import main
 from tests.reliability.helpers import CLI, SUBPROCESS_ENV, assert_refused, cli, cli_subprocess, train_args
 
 

@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from data.featurestore import Manifest
-from detection.detector import load_detector
-from student.train import StudentConfig, run_train_student
+from mimicdet.store import Manifest
+from mimicdet.detection.detector import load_detector
+from mimicdet.student.train import StudentConfig, run_train_student
 from tests.reliability.helpers import (
     SHARD,
     assert_refused,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.extract import ExtractConfig, run_extract
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
 from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
 from tests.reliability.helpers import CLI, SUBPROCESS_ENV, same_weights
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from data.featurestore import open_store, verify_store
-from pipeline.extract import ExtractConfig, run_extract
+from mimicdet.store import open_store, verify_store
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
 from tests.pipeline_fixtures import completed_markers, make_squares_voc, wait_until
 from tests.reliability.helpers import (
     CLI,
@@ -92,7 +92,7 @@ def full_disk(monkeypatch):
     store creation), "shard" (shard 1's feature object) or "marker" (shard 1's completion marker)."""
     from zarr.storage import _local
 
-    import data._store_manifest as manifest_module
+    import mimicdet.store.manifest as manifest_module
 
     real_put, real_write_bytes = _local._put, manifest_module.Location.write_bytes
     seen = {"zarr.json": 0}

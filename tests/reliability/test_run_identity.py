@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from detection.detector import load_detector
+from mimicdet.detection.detector import load_detector
 from tests.reliability.helpers import STUDENT, assert_refused, cli, train_args
 
 

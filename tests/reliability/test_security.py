@@ -14,7 +14,7 @@ import torch
 
 from tests.reliability.helpers import REPO, STUDENT, assert_refused, cli, train_args, tree
 
-PROJECT_CODE = [REPO / "cli.py", *(p for d in ("data", "detection", "pipeline", "student", "benchmarks")
+PROJECT_CODE = [REPO / "cli.py", *(p for d in ("data", "detection", "pipeline", "store", "student", "benchmarks")
                                    for p in sorted((REPO / d).rglob("*.py")))]
 
 

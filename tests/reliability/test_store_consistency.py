@@ -1,6 +1,6 @@
 """What `inspect-store` reports is what the store holds (a shard counts as complete only with its marker and every
 object; the images each shard really holds), and `verify-store --data` and `train-student` judge a dataset by the
-one rule of data.featurestore.check_dataset: the digest of image ids and sizes decides, not the folder's name."""
+one rule of mimicdet.store.check_dataset: the digest of image ids and sizes decides, not the folder's name."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import load_dataset
-from data.featurestore import check_dataset, inspect_store, open_store
-from pipeline.extract import ExtractConfig, run_extract
+from mimicdet.data import load_dataset
+from mimicdet.store import check_dataset, inspect_store, open_store
+from mimicdet.pipeline.extract import ExtractConfig, run_extract
 from tests.reliability.helpers import STUDENT, assert_refused, cli, shard_object
 
 

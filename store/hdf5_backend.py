@@ -17,8 +17,7 @@ from typing import Any
 
 import h5py
 import numpy as np
-
-from data._store_manifest import TEMP_SUFFIX, Location, Manifest, ObjectInfo
+from mimicdet.store.manifest import TEMP_SUFFIX, Location, Manifest, ObjectInfo
 
 GZIP_LEVEL = 4
 MAX_OPEN_FILES = 8  # shard files kept open by a reader

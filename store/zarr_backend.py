@@ -45,13 +45,12 @@ import numcodecs.zstd
 import numpy as np
 import zarr
 import zarr.api.asynchronous as zasync
+from mimicdet.store.manifest import Location, Manifest, ObjectInfo
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
-
-from data._store_manifest import Location, Manifest, ObjectInfo
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # every written shard has one object per array
 # Maps: zstd level 1 compresses inception maps as well as level 3 (float16: 3.85x vs 3.83x; int8 codes: 7.5x vs

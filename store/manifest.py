@@ -27,8 +27,7 @@ from typing import Any
 import crc32c
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-
-from data.errors import StoreError
+from mimicdet.data.errors import StoreError
 
 FORMAT = "mimicdet-feature-store"
 # 2: per-proposal records (and the int8 scale) have a dtype, ``proposals.dtype``; int8 stores keep them in float16.
