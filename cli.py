@@ -341,7 +341,7 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--mimic-norm", type=click.Choice(["none", "channel"]), default="none",
               help="none: the paper's eq. 5 on the raw teacher map; channel: standardise each teacher channel (mean and std over the store) first, so a few large channels do not dominate the L2.")
 @click.option("--mimic-weight", default=1.0, show_default=True, type=float, help="λ1, weight of the feature mimic loss.")
-@click.option("--logits-weight", default=None, type=float, help="Weight of logits matching (default 0.3 in stage 2 for roi/logits, else 0; chosen on held-out images, README).")
+@click.option("--logits-weight", default=None, type=float, help="Weight of logits matching (default 0.3 in stage 2 for roi/logits, else 0; chosen on held-out images: docs/experiments/logits-weight.md).")
 @click.option("--logits-balance/--no-logits-balance", default=True, show_default=True,
               help="Weigh the proposals the teacher calls foreground and the background ones half each in the logits "
                    "match (a teacher's top proposals are mostly background; the plain mean made a student's head "

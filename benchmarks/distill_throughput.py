@@ -161,7 +161,6 @@ def online_mimic_batch(batch, outs: list[dict[str, torch.Tensor]], iteration: in
         teacher_features=features,
         teacher_hw=[(int(m.shape[1]), int(m.shape[2])) for m in maps],
         teacher_proposals=[o["proposals"].clone() for o in outs],
-        teacher_scores=[o["scores"].clone() for o in outs],
         teacher_logits=[o["class_logits"].clone() for o in outs],
         teacher_deltas=[o["box_deltas"].clone() for o in outs],
     )

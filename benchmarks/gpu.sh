@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check (under 8 minutes): the demo pipeline on CUDA with AMP, then the figures the README quotes.
+# One-GPU check (under 8 minutes): the demo pipeline on CUDA with AMP, then the figures docs/benchmarks.md quotes.
 #   bash benchmarks/gpu.sh [OUT [WORK]]   (OUT defaults to benchmarks/results/gpu, WORK to OUT/work)
 # Writes to OUT only small files: device.txt (the card), demo_report.json (quick demo on CUDA: data, teacher,
 # extraction, students, evaluation), profile_fp32.json and profile_amp.json (teacher and students, inference ms at

@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +32,12 @@ from pathlib import Path
 import torch
 import torchvision
 
-from mimicdet.detection.backbone import InceptionBackbone
-from mimicdet.student import mimic
-from mimicdet.student.mimic import MimicTransform, roi_mimic_loss, roi_mimic_loss_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.mimic_reference: the plain form
+
+from mimicdet.detection.backbone import InceptionBackbone  # noqa: E402
+from mimicdet.student import mimic  # noqa: E402
+from mimicdet.student.mimic import MimicTransform, roi_mimic_loss  # noqa: E402
+from tests.mimic_reference import roi_mimic_loss_reference  # noqa: E402
 
 BATCH, REGIONS, CT, CS, STRIDE = 8, 128, 832, 208, 16
 CONFIGS = {"256x256": (16, 16), "600x1000": (38, 63)}

@@ -60,13 +60,13 @@ class Budget:
     labelled: int = 150  # labelled images a student gets (limited settings)
     teacher_width: float = 1.0
     teacher_iters: int = 400
-    # lr 0.04 (not 0.02): at 300 iterations the teacher's R@0.7 went 20.5 -> 32.4 (README, "what we measured")
+    # lr 0.04 (not 0.02): at 300 iterations the teacher's R@0.7 went 20.5 -> 32.4 (docs/experiments/diagnostics.md)
     teacher_lr: float = 0.04
     widths: tuple[float, ...] = (0.25,)
     student_iters: int = 250  # stage 1
     stage2_iters: int = 125
     # The 1/4 students are optimisation-limited at 250 iterations: lr 0.1 raised scratch R@0.7 15.7 -> 18.6
-    # and RoI mimic 16.2 -> 19.9 against lr 0.04 (README, "what we measured").
+    # and RoI mimic 16.2 -> 19.9 against lr 0.04 (docs/experiments/diagnostics.md).
     student_lr: float = 0.1
     batch_size: int = 8
     unlabeled_fraction: float = 0.5

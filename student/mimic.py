@@ -26,7 +26,7 @@ backbone and of torchvision's ``AnchorGenerator``).
 loss treats image n's maps as if they were that crop (samples clamp and vanish at its edge, padding never
 counts and gets no gradient).
 
-Cost. The plain form (:func:`roi_mimic_loss_reference`) pools two Ct-channel maps with ``roi_align``, whose CPU
+Cost. The plain form (tests/mimic_reference.py) pools two Ct-channel maps with ``roi_align``, whose CPU
 backward dominates a small student's step. :func:`roi_mimic_loss` computes the same number from linear algebra:
 
 - roialign, maps up to ~50x50: RoIAlign is separable (``P_i X = A^y_i X A^x_iᵀ`` per channel), so
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import torch
@@ -86,93 +85,6 @@ class MimicTransform(nn.Conv2d):
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="linear")
         nn.init.zeros_(self.bias)
-
-
-def _bilinear_kernel(size: int) -> Tensor:
-    """FCN's bilinear upsampling filter, ``Tensor[size, size]``."""
-    factor = (size + 1) // 2
-    centre = factor - 1 if size % 2 == 1 else factor - 0.5
-    taps = 1.0 - (torch.arange(size, dtype=torch.float64) - centre).abs() / factor
-    return torch.outer(taps, taps).float()
-
-
-class Upsample2x(nn.ConvTranspose2d):
-    """×2 deconvolution for scale mimic: ``Tensor[N, C, H, W] -> Tensor[N, C, 2H, 2W]``.
-
-    ``ConvTranspose2d(C, C, kernel_size=4, stride=2, padding=1)`` initialised to bilinear interpolation
-    (channel c reads only channel c, taps ``[1/4, 3/4, 3/4, 1/4]``; the outermost output rows/columns see one
-    input tap only, so a constant map comes out ×3/4 there) and zero bias; it is trained with the student.
-    """
-
-    def __init__(self, *, channels: int) -> None:
-        if channels < 1:
-            raise ValueError(f"Upsample2x needs a positive channel count, got channels={channels}")
-        super().__init__(channels, channels, kernel_size=4, stride=2, padding=1, bias=True)
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.zero_()
-            kernel = _bilinear_kernel(4)
-            for c in range(self.in_channels):
-                self.weight[c, c] = kernel
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-
-@dataclass(frozen=True)
-class MimicConfig:
-    """How the region mimic samples the maps; ``stride`` is the maps' stride in input pixels."""
-
-    sampler: Sampler = "roialign"
-    stride: int = 16
-    output_size: int = 7
-    sampling_ratio: int = 2
-    aligned: bool = False
-    scale_mimic: bool = False  # the student saw a half-size image: upsample its map ×2 before ``r``
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"MimicConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.stride < 1 or self.output_size < 1:
-            raise ValueError(
-                f"MimicConfig needs stride >= 1 and output_size >= 1, got {self.stride}, {self.output_size}"
-            )
-
-
-class RoIMimic(nn.Module):
-    """Region mimic with its trainable parts: optional :class:`Upsample2x`, then ``r`` (:class:`MimicTransform`).
-
-    ``forward(student_map, teacher_map, rois, valid_hw=None)`` returns :func:`roi_mimic_loss`.
-    """
-
-    def __init__(self, *, config: MimicConfig, student_channels: int, teacher_channels: int) -> None:
-        super().__init__()
-        self.config = config
-        self.upsample: nn.Module = (
-            Upsample2x(channels=student_channels) if config.scale_mimic else nn.Identity()
-        )
-        self.transform = MimicTransform(student_channels=student_channels, teacher_channels=teacher_channels)
-
-    def forward(
-        self,
-        student_map: Tensor,
-        teacher_map: Tensor,
-        rois: Sequence[Tensor],
-        valid_hw: Sequence[tuple[int, int]] | None = None,
-    ) -> Tensor:
-        c = self.config
-        return roi_mimic_loss(
-            self.upsample(student_map),
-            teacher_map,
-            rois,
-            self.transform,
-            spatial_scale=1.0 / c.stride,
-            sampler=c.sampler,
-            output_size=c.output_size,
-            sampling_ratio=c.sampling_ratio,
-            aligned=c.aligned,
-            valid_hw=valid_hw,
-        )
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -529,7 +441,7 @@ def roi_mimic_loss(
     aligned: bool = False,
     valid_hw: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
-    """Region mimic loss, paper eq. 5, exactly; the fast form of :func:`roi_mimic_loss_reference`.
+    """Region mimic loss, paper eq. 5, exactly; the fast form of the plain one in tests/mimic_reference.py.
 
     Args:
         student_map: ``Tensor[N, Cs, H, W]`` (after the ×2 upsample for scale mimic).
@@ -569,50 +481,6 @@ def roi_mimic_loss(
     else:
         err = _roialign_pool_then_transform(student_map, teacher_map, boxes, weight, bias, sizes, **common)
     return err / (2.0 * total * ct * ph * pw)
-
-
-@_in_fp32
-def roi_mimic_loss_reference(
-    student_map: Tensor,
-    teacher_map: Tensor,
-    rois: Sequence[Tensor],
-    transform: nn.Module,
-    *,
-    spatial_scale: float,
-    sampler: Sampler,
-    output_size: int | tuple[int, int] = 7,
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    valid_hw: Sequence[tuple[int, int]] | None = None,
-) -> Tensor:
-    """The plain form of :func:`roi_mimic_loss` (same arguments and value), kept to test the fast form.
-
-    ``r`` runs on the full student map; each region of ``r(V)`` and of the teacher map is sampled
-    (torchvision ``roi_align``, or a crop) and its squared error summed, one region at a time.
-    """
-    _check_sampler(sampler)
-    _check_maps(student_map, teacher_map, transform)
-    n, _, h, w = student_map.shape
-    sizes = _check_valid_hw(valid_hw, n, h, w)
-    boxes = _check_rois(rois, n, student_map)
-    total = sum(len(r) for r in boxes)
-    if total == 0:
-        return _zero_loss(student_map, transform.weight)
-    output_size = _pair(output_size)
-    teacher = teacher_map.detach().to(student_map.dtype)
-    mapped = transform(student_map)
-    terms = []
-    for k, (r, (vh, vw)) in enumerate(zip(boxes, sizes)):
-        u_map, v_map = teacher[k : k + 1, :, :vh, :vw], mapped[k : k + 1, :, :vh, :vw]
-        if sampler == "roialign":
-            u = roi_align(u_map, [r], output_size, spatial_scale, sampling_ratio, aligned)
-            v = roi_align(v_map, [r], output_size, spatial_scale, sampling_ratio, aligned)
-            terms.extend(((u - v).square().flatten(1).mean(1)).unbind())
-        else:
-            crops = native_crops(r, spatial_scale=spatial_scale, height=vh, width=vw, aligned=aligned)
-            for y0, y1, x0, x1 in crops.tolist():
-                terms.append((u_map[0, :, y0:y1, x0:x1] - v_map[0, :, y0:y1, x0:x1]).square().mean())
-    return torch.stack(terms).sum() / (2.0 * total)
 
 
 @_in_fp32
@@ -661,14 +529,14 @@ def logits_mimic_loss(
     weigh half each, when both occur: a teacher's top proposals are mostly background (94 % on the raccoon
     photos), with confident logit gaps near −10, and the unbalanced mean taught a 1/4 student's head to call
     its true objects background (fg probability 0.035, below the 0.05 score threshold; 7.0 mAP on held-out
-    images against 63.1 balanced; README, "two-stage mimic").
+    images against 63.1 balanced; docs/experiments/stage2-real-photos.md).
 
     Box deltas ``Tensor[R, 4K]`` (when both are given), times ``delta_weight``: ``1/(2F) Σ_{i∈F} ‖s_i[c_i] −
     t_i[c_i]‖²/4`` over the F proposals the teacher calls foreground (best foreground probability >
     ``foreground_threshold``), on the 4 columns of the teacher's class ``c_i``. A Fast R-CNN head's regression is
     trained only for the true class on foreground proposals; its other outputs are untrained, and matching them
     (``foreground_threshold=None``: all rows and columns) collapsed a 1/4 student's head to constant scores on
-    real photos (README, "two-stage mimic"). F = 0 or R = 0 gives 0. Teacher outputs are detached targets (fp16
+    real photos (docs/experiments/stage2-real-photos.md). F = 0 or R = 0 gives 0. Teacher outputs are detached targets (fp16
     accepted).
     """
     _check_head_outputs("logits", student_logits, teacher_logits)
@@ -710,62 +578,12 @@ def _check_head_outputs(name: str, s: Tensor, t: Tensor) -> None:
         )
 
 
-def sample_regions(
-    proposals: Tensor,
-    scores: Tensor,
-    gt_boxes: Tensor | None = None,
-    *,
-    num: int = 128,
-    min_size: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Mimic regions from the teacher's stored proposals -> ``Tensor[R, 4]`` float32 x1y1x2y2 px.
-
-    Boxes that are not finite or narrower/shorter than ``min_size`` pixels are dropped first. Without a
-    ``generator`` the ``num`` top-scoring proposals are taken (ties keep store order); with one, ``num`` drawn
-    uniformly without replacement from the ``2·num`` top-scoring (variety across epochs, still confident
-    regions), returned best first. The usable ``gt_boxes`` (``Tensor[G, 4]``) are appended, beyond ``num``.
-    """
-    boxes = torch.as_tensor(proposals, dtype=torch.float32)
-    score = torch.as_tensor(scores, dtype=torch.float32, device=boxes.device)
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"proposals must be float32[K, 4] x1y1x2y2 pixels, got shape {tuple(boxes.shape)}")
-    if score.shape != boxes.shape[:1]:
-        raise ValueError(f"scores must be [K] with K = {boxes.shape[0]} proposals, got shape {tuple(score.shape)}")
-    if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
-
-    def usable(b: Tensor) -> Tensor:
-        wh = b[:, 2:] - b[:, :2]
-        return torch.isfinite(b).all(1) & (wh >= min_size).all(1)
-
-    keep = usable(boxes) & torch.isfinite(score)
-    boxes, score = boxes[keep], score[keep]
-    order = torch.sort(score, descending=True, stable=True).indices
-    if generator is None:
-        picked = order[:num]
-    else:
-        pool = order[: 2 * num]
-        draw = torch.randperm(len(pool), generator=generator, device=generator.device)[:num].to(pool.device)
-        picked = pool[draw.sort().values]
-    regions = boxes[picked]
-    if gt_boxes is not None:
-        gt = torch.as_tensor(gt_boxes, dtype=torch.float32, device=boxes.device).reshape(-1, 4)
-        regions = torch.cat([regions, gt[usable(gt)]])
-    return regions
-
-
 __all__ = [
     "SAMPLERS",
-    "MimicConfig",
     "MimicTransform",
-    "RoIMimic",
     "Sampler",
-    "Upsample2x",
     "logits_mimic_loss",
     "map_mimic_loss",
     "native_crops",
     "roi_mimic_loss",
-    "roi_mimic_loss_reference",
-    "sample_regions",
 ]

@@ -6,7 +6,7 @@ student's process holds only the student and the store reader.
 Per item: the student's input image (exactly the teacher's preprocessing, at ``scale`` 1.0, or 0.5 for scale
 mimic), its ground truth in student-input pixels (none for unlabelled images), and the teacher's record for
 the same image and flip: features ``float32[Ct, h, w]`` and proposals ``float32[k, 4]`` in TEACHER-input
-pixels, scores ``[k]``, class logits ``[k, Kc]``, box deltas ``[k, 4Kc]``.
+pixels (best first), class logits ``[k, Kc]``, box deltas ``[k, 4Kc]``.
 
 A batch (:class:`MimicBatch`) holds labelled images first, then unlabelled ones (mimic only).
 
@@ -25,7 +25,6 @@ run uses and leaves the damaged images out.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -98,7 +97,6 @@ class MimicImages(torch.utils.data.Dataset):
         item["teacher"] = {
             "features": torch.from_numpy(rec.features),
             "proposals": torch.from_numpy(rec.proposals),
-            "scores": torch.from_numpy(rec.scores),
             "class_logits": torch.from_numpy(rec.class_logits),
             "box_deltas": torch.from_numpy(rec.box_deltas),
         }
@@ -114,7 +112,7 @@ class MimicImages(torch.utils.data.Dataset):
         return item
 
 
-_RECORD_ARRAYS = ("features", "proposals", "scores", "class_logits", "box_deltas")
+_RECORD_ARRAYS = ("features", "proposals", "class_logits", "box_deltas")
 
 
 def _read_checked(store: StoreReader, store_index: int, flip: bool, *, names: Sequence[str] = _RECORD_ARRAYS):
@@ -145,7 +143,6 @@ class MimicBatch:
     teacher_features: torch.Tensor  # float32[N, Ct, Hf, Wf], zero-padded
     teacher_hw: list[tuple[int, int]]  # valid (h, w) of each teacher map
     teacher_proposals: list[torch.Tensor]  # [k_i, 4] teacher-input pixels
-    teacher_scores: list[torch.Tensor]
     teacher_logits: list[torch.Tensor]  # [k_i, Kc]
     teacher_deltas: list[torch.Tensor]  # [k_i, 4Kc]
     # Further teachers (several-teacher mimic), one entry per store: float32[N, Ct_k, Hf_k, Wf_k], zero-padded,
@@ -163,7 +160,6 @@ class MimicBatch:
             batch=self.batch.to(device),
             teacher_features=self.teacher_features.to(device, non_blocking=True),
             teacher_proposals=move(self.teacher_proposals),
-            teacher_scores=move(self.teacher_scores),
             teacher_logits=move(self.teacher_logits),
             teacher_deltas=move(self.teacher_deltas),
             more_teacher_features=move(self.more_teacher_features),
@@ -183,7 +179,6 @@ def collate_mimic(items: list[dict], *, size_divisor: int) -> MimicBatch:
         teacher_features=features,
         teacher_hw=[(int(m.shape[1]), int(m.shape[2])) for m in maps],
         teacher_proposals=[it["teacher"]["proposals"] for it in items],
-        teacher_scores=[it["teacher"]["scores"] for it in items],
         teacher_logits=[it["teacher"]["class_logits"] for it in items],
         teacher_deltas=[it["teacher"]["box_deltas"] for it in items],
         more_teacher_features=[_pad_maps(ms) for ms in more],
@@ -388,7 +383,3 @@ def check_source(
     skipped = [SkippedImage(store.url, dataset.records[k].image_id, report.bad_images[index[k]]) for k in hits]
     drop = set(hits)
     return dataset.subset([k for k in range(len(dataset)) if k not in drop]), skipped
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))

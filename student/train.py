@@ -67,9 +67,8 @@ STRATEGIES = ("roi", "map", "logits", "none")
 SAMPLERS = ("roialign", "native")
 MIMIC_NORMS = ("none", "channel")
 
-# Stage-2 logits-match weight for "roi"/"logits" students. Chosen on held-out images in three settings (README,
-# "Picking the logits-match weight"): at 1.0 the match dragged a strong teacher's 1/4 student's backbone off its
-# proposals (R@0.7 34.6 -> 26.2 during stage 2, mAP 5 points under scratch); 0.3 was ahead of scratch in all three.
+# Stage-2 logits-match weight for "roi"/"logits" students, chosen on held-out images in three settings
+# (docs/experiments/logits-weight.md): a weight of 1 pulls a 1/4 student's backbone off its proposals.
 DEFAULT_LOGITS_WEIGHT = 0.3
 
 
@@ -124,7 +123,6 @@ class StudentConfig:
     logits_balance: bool = True
     scale_mimic: bool = False
     rois_per_image: int = 64
-    gt_rois: bool = False  # also mimic on ground-truth boxes
     flip: bool = False
     iters: int = 1000
     batch_size: int = 8
@@ -347,7 +345,7 @@ class StudentModel(nn.Module):
 def region_indices(proposals: Tensor, num: int, generator: torch.Generator) -> Tensor:
     """Indices of ``num`` teacher proposals to mimic on: drawn without replacement from the ``2·num``
     best-scoring usable ones (stored proposals are sorted by score), so regions vary across epochs but stay
-    confident. Same rule as :func:`student.mimic.sample_regions`; indices are kept for the logits match."""
+    confident. Indices are kept for the logits match."""
     wh = proposals[:, 2:] - proposals[:, :2]
     usable = torch.nonzero((wh >= 1.0).all(dim=1) & torch.isfinite(proposals).all(dim=1)).flatten()
     pool = usable[: 2 * num]
@@ -393,8 +391,9 @@ def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
 # are compared through the content digests of ``input_digests``; the others must be equal to resume.
 LOCATION_KEYS = ("store", "unlabeled", "data", "unlabeled_data", "init", "out", "storage_options")
 # May change between calls of one run (skip_corrupt: a run stopped by a damaged image resumes with it).
+# gt_rois: recorded by older versions, never read by training.
 FREE_KEYS = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every", "eval_every",
-             "eval_max_images", "skip_corrupt")
+             "eval_max_images", "skip_corrupt", "gt_rois")
 
 
 def input_digests(cfg: StudentConfig) -> dict:

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from mimicdet.student import mimic
 from mimicdet.student.mimic import (
-    MimicConfig,
     MimicTransform,
-    RoIMimic,
-    Upsample2x,
     logits_mimic_loss,
     map_mimic_loss,
     native_crops,
     roi_mimic_loss,
-    roi_mimic_loss_reference,
-    sample_regions,
 )
+from mimicdet.student.train import region_indices
+from tests.mimic_reference import roi_mimic_loss_reference
 
 torch.set_num_threads(1)
 
@@ -374,49 +370,28 @@ def test_logits_mimic_edge_cases() -> None:
 # ------------------------------------------------------------------------------------------ regions
 
 
-def test_sample_regions_top_scoring_without_generator() -> None:
+def test_region_indices_drop_unusable_boxes_and_keep_all_when_few() -> None:
     proposals = torch.tensor(
         [[0, 0, 10, 10], [5, 5, 5, 20], [0, 0, 20, 20], [1, 1, 3, 3], [0, 0, math.nan, 4], [2, 2, 30, 30]],
         dtype=torch.float32,
-    )
-    scores = torch.tensor([0.5, 0.99, 0.7, 0.1, 0.98, 0.7])
-    regions = sample_regions(proposals, scores, num=3)
-    # degenerate (zero width, NaN) dropped; ties keep store order
-    assert regions.tolist() == [[0, 0, 20, 20], [2, 2, 30, 30], [0, 0, 10, 10]]
-    gt = np.array([[4, 4, 8, 8], [9, 9, 9, 9]], dtype=np.float32)
-    with_gt = sample_regions(proposals.numpy(), scores.numpy(), gt, num=2)
-    assert with_gt.dtype == torch.float32 and with_gt.tolist() == [[0, 0, 20, 20], [2, 2, 30, 30], [4, 4, 8, 8]]
+    )  # stored best first
+    # zero width and NaN dropped; with no more than ``num`` usable boxes, all of them in store order
+    assert region_indices(proposals, 4, torch.Generator().manual_seed(0)).tolist() == [0, 2, 3, 5]
 
 
-def test_sample_regions_seeded_subset_of_the_top_two_num() -> None:
+def test_region_indices_seeded_subset_of_the_best_two_num() -> None:
     gen = torch.Generator().manual_seed(0)
-    proposals = torch.rand(50, 2, generator=gen) * 100
-    proposals = torch.cat([proposals, proposals + 5], 1)
-    scores = torch.rand(50, generator=gen)
-    top = set(torch.argsort(scores, descending=True)[:10].tolist())
-    a = sample_regions(proposals, scores, num=5, generator=torch.Generator().manual_seed(7))
-    b = sample_regions(proposals, scores, num=5, generator=torch.Generator().manual_seed(7))
-    c = sample_regions(proposals, scores, num=5, generator=torch.Generator().manual_seed(8))
+    corners = torch.rand(50, 2, generator=gen) * 100
+    proposals = torch.cat([corners, corners + 5], 1)
+    a = region_indices(proposals, 5, torch.Generator().manual_seed(7))
+    b = region_indices(proposals, 5, torch.Generator().manual_seed(7))
+    c = region_indices(proposals, 5, torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    picked = [int(torch.nonzero((proposals == row).all(1))[0]) for row in a]
-    assert len(set(picked)) == 5 and set(picked) <= top
-    assert scores[picked].tolist() == sorted(scores[picked].tolist(), reverse=True)
-    with pytest.raises(ValueError, match="scores"):
-        sample_regions(proposals, scores[:3])
+    assert len(set(a.tolist())) == 5 and set(a.tolist()) <= set(range(10))
+    assert a.tolist() == sorted(a.tolist())  # kept in store (score) order
 
 
 # ------------------------------------------------------------------------------------------ modules
-
-
-def test_upsample2x_is_bilinear_per_channel() -> None:
-    up = Upsample2x(channels=2)
-    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]]])
-    taps = torch.tensor([[0.75, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 0.75]])
-    with torch.no_grad():
-        y = up(x)
-    assert y.shape == (1, 2, 4, 4)
-    torch.testing.assert_close(y[0, 0], taps @ x[0, 0] @ taps.t())
-    assert y[0, 1].abs().max() == 0  # channel 1 reads only channel 1
 
 
 def test_mimic_transform_init() -> None:
@@ -427,16 +402,6 @@ def test_mimic_transform_init() -> None:
     assert r(torch.zeros(1, 256, 2, 3)).shape == (1, 512, 2, 3)
 
 
-def test_roi_mimic_module_scale_mimic() -> None:
-    torch.manual_seed(0)
-    module = RoIMimic(config=MimicConfig(sampler="native", scale_mimic=True), student_channels=3, teacher_channels=4)
-    small, teacher = torch.randn(2, 3, 4, 5), torch.randn(2, 4, 8, 10)
-    rois = [torch.tensor([[0.0, 0.0, 64.0, 64.0]]), torch.tensor([[16.0, 16.0, 160.0, 128.0]])]
-    expected = roi_mimic_loss_reference(
-        module.upsample(small), teacher, rois, module.transform, spatial_scale=1 / 16, sampler="native"
-    )
-    assert module(small, teacher, rois).item() == pytest.approx(expected.item(), rel=1e-5)
-    with pytest.raises(ValueError, match="same"):
-        module(small, teacher[:, :, :7], rois)
-    with pytest.raises(ValueError, match="sampler"):
-        MimicConfig(sampler="grid")  # type: ignore[arg-type]
+def test_logits_mimic_needs_deltas_together() -> None:
+    with pytest.raises(ValueError, match="together"):
+        logits_mimic_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 12))

@@ -81,7 +81,7 @@ def test_student_out_holding_an_input_is_refused(world, store, tmp_path, where):
     args = train_args(world, store, store if where == "store" else tmp_path, "--overwrite")
     args[args.index("--data") + 1] = data
     before = tree(tmp_path)
-    assert_refused(cli(*args), 1, rf"--out .* (is|contains) the --(store|data)")
+    assert_refused(cli(*args), 1, r"--out .* (is|contains) the --(store|data)")
     assert tree(tmp_path) == before
 
 
