@@ -15,13 +15,12 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import numpy as np
 
 from mimicdet.data.errors import DataError
-from mimicdet.data.images import image_size
+from mimicdet.data.images import image_inside, image_size
 from mimicdet.data.records import Dataset, ImageRecord
 from mimicdet.data.validate import BoxChecker
 
@@ -55,17 +54,6 @@ def _field(entry, key: str, types, where: str):
     if not isinstance(value, types) or isinstance(value, bool):
         raise DataError(f"{where}: field {key!r} has the wrong type {type(value).__name__}: {value!r}")
     return value
-
-
-def _image_path(image_root: Path, file_name: str, where: str) -> Path:
-    rel = PurePath(file_name)
-    inside = os.path.normpath(image_root / rel)
-    if rel.is_absolute() or ".." in rel.parts or not inside.startswith(os.path.normpath(image_root) + os.sep):
-        raise DataError(f"{where}: file_name {file_name!r} must name a file inside {image_root}")
-    path = image_root / rel
-    if not path.is_file():
-        raise DataError(f"{where}: file_name {file_name!r}: image {path} not found")
-    return path
 
 
 def read_coco(
@@ -129,7 +117,7 @@ def read_coco(
     for image_id in order:
         im = images[image_id]
         where = f"{src}: image {image_id!r}"
-        path = _image_path(image_root, _field(im, "file_name", str, where), where)
+        path = image_inside(image_root, _field(im, "file_name", str, where), f"{where}: file_name")
         width, height = (_field(im, k, int, where) if im.get(k) else 0 for k in ("width", "height"))
         if width <= 0 or height <= 0:
             width, height = image_size(path)

@@ -15,8 +15,9 @@ Every failure (missing, unreadable, truncated or undecodable file) raises :class
 from __future__ import annotations
 
 import io
+import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image
@@ -90,3 +91,17 @@ def image_size(path: Path | str) -> tuple[int, int]:
         raise DataError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image header ({e})") from None
+
+
+def image_inside(image_root: Path, name: str, where: str) -> Path:
+    """The image an annotation names (``where``: the file and field, for errors), which must be a relative path
+    inside ``image_root`` and exist. The name itself is checked, not the resolved path: a dataset may hold
+    symlinked images."""
+    rel = PurePath(name)
+    inside = os.path.normpath(image_root / rel)
+    if rel.is_absolute() or ".." in rel.parts or not inside.startswith(os.path.normpath(image_root) + os.sep):
+        raise DataError(f"{where} {name!r} must name a file inside {image_root}")
+    path = image_root / rel
+    if not path.is_file():
+        raise DataError(f"{where} {name!r}: image {path} not found")
+    return path

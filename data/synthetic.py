@@ -41,7 +41,13 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from mimicdet.data.voc_writer import VocExtra, VocObject, annotation_xml, write_annotation, write_image_set
+from mimicdet.data.voc_writer import (
+    VocExtra,
+    VocObject,
+    annotation_xml,
+    write_annotation,
+    write_image_set,
+)
 
 # 2: a val split (source instances taken from the end of the pool's share, so pool images differ from 1).
 VERSION = 2
@@ -561,7 +567,7 @@ def _generate(config: SyntheticConfig, root: Path) -> None:
     _remove_stale_tmp(root)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(root)}{os.getpid()}-", dir=root.parent))
     try:
-        from mimicdet.detection.checkpoints import follow_umask
+        from mimicdet.data.paths import follow_umask
 
         follow_umask(tmp, directory=True)  # mkdtemp made it 0700, and the rename makes it the dataset's folder
         (tmp / "JPEGImages").mkdir()

@@ -17,16 +17,15 @@ y), the 0-based continuous-edge convention of ``data/records.py`` (and the inver
 
 from __future__ import annotations
 
-import os
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import numpy as np
 
 from mimicdet.data.errors import DataError
-from mimicdet.data.images import image_size
+from mimicdet.data.images import image_inside, image_size
 from mimicdet.data.records import Dataset, ImageRecord
 from mimicdet.data.validate import BoxChecker, DataWarning
 
@@ -117,16 +116,7 @@ def _split_ids(path: Path) -> list[str]:
 
 
 def _image_path(root: Path, ann: _Annotation) -> Path:
-    images = root / "JPEGImages"
-    rel = PurePath(ann.filename)
-    # Check the name itself, not the resolved path: a dataset may legitimately hold symlinked images.
-    inside = os.path.normpath(images / rel)
-    if rel.is_absolute() or ".." in rel.parts or not inside.startswith(os.path.normpath(images) + os.sep):
-        raise DataError(f"{ann.xml}: <filename> {ann.filename!r} must name a file inside {images}")
-    path = images / rel
-    if not path.is_file():
-        raise DataError(f"{ann.xml}: <filename> {ann.filename!r}: image {path} not found")
-    return path
+    return image_inside(root / "JPEGImages", ann.filename, f"{ann.xml}: <filename>")
 
 
 def check_voc_layout(root: Path) -> None:

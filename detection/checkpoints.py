@@ -11,8 +11,6 @@ an export or a plot would be private while everything else a run writes follows 
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +42,3 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-_UMASK_LOCK = threading.Lock()
-
-
-def current_umask() -> int:
-    """The process's umask, read once per call without changing it where Linux allows (``/proc/self/status``);
-    elsewhere set to 0o077 and straight back under a lock, so a file another thread creates in between comes out
-    more private, never more open."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with _UMASK_LOCK:
-        old = os.umask(0o077)
-        os.umask(old)
-    return old
-
-
-def follow_umask(path: str | Path, *, directory: bool = False) -> None:
-    """Give ``path``, made by ``tempfile.mkstemp`` (mode 0600) or, with ``directory``, ``tempfile.mkdtemp`` (0700),
-    the mode ``open()`` or ``mkdir()`` would have given it: 0o666 (0o777) less the umask. Call it on the temporary
-    name, before the rename that puts the artifact in place."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())

@@ -12,8 +12,6 @@ Precomputed proposals (e.g. a teacher's) are an ordinary input that replaces the
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from mimicdet.data.errors import DataError
+from mimicdet.data.paths import atomic_path
 from mimicdet.detection.backbone import InceptionBackbone
-from mimicdet.detection.checkpoints import follow_umask
 from mimicdet.detection.heads import HEAD_KINDS, BoxHead, BoxHeadConfig, build_box_head
 from mimicdet.detection.rpn import RPN, RPNConfig, default_rpn_channels
 
@@ -369,20 +367,9 @@ def build_detector(config: DetectorConfig) -> Detector:
 def save_detector(path: str | Path, model: Detector, meta: dict[str, Any] | None = None) -> None:
     """Write ``{"model": state_dict, "detector_config": config.to_dict(), "meta": meta}`` atomically
     (temporary file in the same folder, then ``os.replace``). ``meta`` must hold plain types only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "detector_config": model.config.to_dict(), "meta": dict(meta or {})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        follow_umask(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:

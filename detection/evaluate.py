@@ -15,8 +15,6 @@ seconds unless named ``_ms``.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 from mimicdet.data.errors import DataError
+from mimicdet.data.paths import write_json
 from mimicdet.data.records import Dataset
 
 METRICS = ("voc", "coco", "recall", "caltech")
@@ -106,7 +105,12 @@ def _to_original(det: dict[str, torch.Tensor], params, key: str, score_key: str)
 
 
 def _evaluators(metrics: Sequence[str], classes: Sequence[str], detection_ok: bool) -> dict[str, Any]:
-    from mimicdet.detection.metrics import CaltechEvaluator, COCOEvaluator, ProposalRecallEvaluator, VOCEvaluator
+    from mimicdet.detection.metrics import (
+        CaltechEvaluator,
+        COCOEvaluator,
+        ProposalRecallEvaluator,
+        VOCEvaluator,
+    )
 
     out: dict[str, Any] = {}
     for m in metrics:
@@ -361,10 +365,7 @@ def run_evaluate(config: EvalConfig) -> dict:
     print(format_report(report))
     if config.out is not None:
         out = Path(config.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(report_json(report), indent=2) + "\n")
-        os.replace(tmp, out)
+        write_json(out, report_json(report))
         print(f"report: {out}")
     for p in report["plots"]:
         print(f"plot: {p}")

@@ -59,8 +59,8 @@ from torch import Tensor, nn
 from torch.onnx.symbolic_helper import parse_args
 
 from mimicdet.data.errors import DataError
-from mimicdet.data.paths import check_output_apart
-from mimicdet.detection.checkpoints import file_sha256, follow_umask
+from mimicdet.data.paths import check_output_apart, follow_umask
+from mimicdet.detection.checkpoints import file_sha256
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"

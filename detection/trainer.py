@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from mimicdet.data.errors import DataError
+from mimicdet.data.paths import atomic_path
 from mimicdet.detection.device import amp_enabled, select_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -159,18 +159,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
     A crash at any point leaves either the previous checkpoint or the new one, never a torn file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -216,9 +206,8 @@ def _truncate_jsonl(path: Path, keep_through: int) -> None:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln).get("iteration", 0) <= keep_through]
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in kept))
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
@@ -274,7 +263,9 @@ class MetricsLogHook(Hook):
         _truncate_jsonl(self.path, trainer.start_iter)
         if self.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+                from torch.utils.tensorboard import (
+                    SummaryWriter,  # needs the optional tensorboard package
+                )
             except ImportError:
                 self._writer = None
             else:

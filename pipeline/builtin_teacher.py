@@ -45,6 +45,9 @@ class BuiltinTeacher:
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
     seed: int = 0
     workers: int = 1
+    # its learning curve on val (also part of the recorded run: the command is rerun exactly)
+    eval_every: int = 500
+    eval_images: int = 150
 
     def commands(self, work: Path) -> list[list[str]]:
         """The two ``mimic`` commands that make the teacher under ``work`` (``work/data``, ``work/teacher``)."""
@@ -56,7 +59,8 @@ class BuiltinTeacher:
             ["mimic", "train-teacher", "--data", str(data), "--split", self.split, "--out", str(run), "--width",
              f"{self.width:g}", "--iters", str(self.iters), "--batch-size", str(self.batch_size), "--lr",
              f"{self.lr:g}", "--min-size", str(self.min_size), "--max-size", str(self.max_size), "--anchor-sizes",
-             ",".join(map(str, self.anchor_sizes)), "--seed", str(self.seed), "--workers", str(self.workers)],
+             ",".join(map(str, self.anchor_sizes)), "--seed", str(self.seed), "--workers", str(self.workers),
+             "--eval-every", str(self.eval_every), "--eval-split", "val", "--eval-max-images", str(self.eval_images)],
         ]
 
 

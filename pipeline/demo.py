@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mimicdet.data.paths import atomic_path, write_json
 from mimicdet.student.family import width_label
 
 MODES = ("quick", "default", "study")
@@ -58,8 +60,10 @@ class Budget:
     min_size: int = 192  # preprocessing: shorter side
     max_size: int = 320
     labelled: int = 150  # labelled images a student gets (limited settings)
-    teacher_width: float = 1.0
-    teacher_iters: int = 400
+    # The teacher the repository ships for the built-in data (pipeline/builtin_teacher.py): used as given, not
+    # trained, when the data and these three match its recorded command.
+    teacher_width: float = 0.5
+    teacher_iters: int = 2500
     # lr 0.04 (not 0.02): at 300 iterations the teacher's R@0.7 went 20.5 -> 32.4 (docs/experiments/diagnostics.md)
     teacher_lr: float = 0.04
     widths: tuple[float, ...] = (0.25,)
@@ -96,7 +100,7 @@ BUDGETS: dict[str, Budget] = {
                     second_teacher_width=0.125,
                     proposals=50),
     "default": Budget(),
-    "study": Budget(widths=(0.25, 0.5), seeds=(0, 1), settings=SETTINGS,
+    "study": Budget(teacher_width=1.0, teacher_iters=400, widths=(0.25, 0.5), seeds=(0, 1), settings=SETTINGS,
                     strategies=("none", "roi", "map", "scale"), extras=True),
 }
 
@@ -204,12 +208,47 @@ class Demo:
 
         b, run = self.b, self.out / name
         width = b.teacher_width if width is None else width
+        if name == "teacher" and self._shipped_teacher(root, split, run):
+            return run / "model.pt"
         self._stage(name, run / "model.pt", lambda: train_teacher(TeacherConfig(
             data=root, split=split, subset=subset, subset_seed=subset_seed, out=run, width=width,
             iters=b.teacher_iters, batch_size=b.batch_size, lr=b.teacher_lr, min_size=b.min_size,
             max_size=b.max_size, anchor_sizes=b.anchor_sizes, flip=False,
             device=self.cfg.device, workers=self.cfg.workers, progress=self.cfg.progress)))
         return run / "model.pt"
+
+    def _shipped_teacher(self, root: Path, split: str, run: Path, recipe=None, asset: Path | None = None) -> bool:
+        """Put the shipped teacher in ``run`` when this is the data and budget it was made with (True), after
+        checking its sha256 and its training set's digest; False: the teacher is trained here. ``recipe`` and
+        ``asset``: another recorded teacher than the shipped one (tests)."""
+        from mimicdet.data import load_dataset
+        from mimicdet.pipeline.builtin_teacher import ASSET, RECIPE, shipped_teacher
+
+        b, r = self.b, recipe or RECIPE
+        ours = (self.cfg.data, b.size, b.train, b.test, b.pool, b.val, b.min_object, split, b.teacher_width,
+                b.teacher_iters, b.teacher_lr, b.batch_size, b.min_size, b.max_size, tuple(b.anchor_sizes))
+        recipe = (None, r.size, r.train, r.test, r.pool, r.val, r.min_object, r.split, r.width, r.iters, r.lr,
+                  r.batch_size, r.min_size, r.max_size, r.anchor_sizes)
+        if ours != recipe:
+            return False
+        shipped = shipped_teacher(asset or ASSET)
+        if shipped is None:
+            self.echo("[demo] no shipped teacher in this checkout (pipeline/builtin_teacher/); training it here")
+            return False
+        model, run_json = shipped
+        digest = load_dataset(root, split).digest()
+        if run_json["dataset"]["digest"] != digest:
+            raise ValueError(f"{root}/{split}: dataset digest {digest[:12]} differs from the shipped teacher's "
+                             f"{run_json['dataset']['digest'][:12]} ({model.parent}/run.json); the built-in "
+                             "generator changed: rerun `make teacher`")
+        if not (run / "model.pt").exists():
+            run.mkdir(parents=True, exist_ok=True)
+            _write_json(run / "run.json", run_json)
+            with atomic_path(run / "model.pt") as tmp:
+                shutil.copyfile(model, tmp)
+        self.echo(f"[demo] teacher: the shipped one ({model}, w={r.width:g}, {r.iters} iterations; `make teacher` "
+                  "remakes it)")
+        return True
 
     def store(self, teacher: Path, root: Path, split: str, *, tag: str = "", dtype: str = "float16") -> str:
         from mimicdet.pipeline.extract import ExtractConfig, run_extract
@@ -482,7 +521,10 @@ class Demo:
     # -- report
 
     def report(self, rows: list[dict], root: Path, parts: dict) -> dict:
-        from mimicdet.detection.metrics.significance import mcnemar, paired_bootstrap_map
+        from mimicdet.detection.metrics.significance import (
+            mcnemar,
+            paired_bootstrap_map,
+        )
 
         self._side_by_side_latency(rows)
         teacher_ms = rows[0]["ms_per_image"]
@@ -708,9 +750,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    write_json(path, obj, indent=1)
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:

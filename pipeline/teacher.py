@@ -13,7 +13,6 @@ CPU cores; ``DEFAULT_ITERS`` follows from the measured seconds per iteration (se
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from mimicdet.data.errors import DataError
-from mimicdet.data.paths import check_output_apart
+from mimicdet.data.paths import check_output_apart, write_json
 from mimicdet.data.records import Dataset
 from mimicdet.detection.trainer import (
     CHECKPOINT_NAME,
@@ -176,10 +175,7 @@ def _claim_run(out: Path, identity: dict, overwrite: bool) -> None:
         return
     elif (out / CHECKPOINT_NAME).exists() or (out / MODEL_NAME).exists():
         raise FileExistsError(f"{out} holds a checkpoint but no {RUN_NAME}; pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_name(f".{RUN_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(identity, indent=2) + "\n")
-    os.replace(tmp, run_file)
+    write_json(run_file, identity)
 
 
 def _datasets(config: TeacherConfig) -> tuple[Dataset, Dataset | None]:

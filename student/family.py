@@ -27,6 +27,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
+from mimicdet.data.paths import write_json
+
 STAGE_METRIC = {1: "recall@300_iou0.7", 2: "mAP@0.5_11pt"}
 METRIC_LABEL = {"recall@300_iou0.7": "recall@0.7 (300 proposals)", "mAP@0.5_11pt": "mAP@0.5"}
 MIMICS = ("roi", "map", "none")
@@ -391,10 +393,7 @@ def plot_family(report: dict, path: Path) -> Path | None:
 def _write_json(path: Path, obj: Any) -> None:
     from mimicdet.detection.metrics import to_jsonable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=1, default=str))
-    tmp.replace(path)
+    write_json(path, to_jsonable(obj), indent=1)
 
 
 def run_train_family(cfg: FamilyConfig, echo: Callable[[str], None] = print) -> dict:

@@ -40,14 +40,19 @@ from torch import Tensor, nn
 
 from mimicdet.data import load_dataset
 from mimicdet.data.errors import StoreError
-from mimicdet.store import StoreReader, open_store
 from mimicdet.data.loader import DetectionImages, mix_seeds
-from mimicdet.data.paths import check_output_apart
-from mimicdet.data.summary import small_object_warning
+from mimicdet.data.paths import check_output_apart, write_json
 from mimicdet.data.records import Dataset
+from mimicdet.data.summary import small_object_warning
 from mimicdet.data.transforms import Preprocess
 from mimicdet.detection.checkpoints import file_sha256
-from mimicdet.detection.detector import Detector, DetectorConfig, build_detector, load_detector, save_detector
+from mimicdet.detection.detector import (
+    Detector,
+    DetectorConfig,
+    build_detector,
+    load_detector,
+    save_detector,
+)
 from mimicdet.detection.trainer import (
     CheckpointHook,
     EvalHook,
@@ -58,8 +63,21 @@ from mimicdet.detection.trainer import (
     Trainer,
     clear_run_files,
 )
-from mimicdet.student.mimic import MimicTransform, logits_mimic_loss, map_mimic_loss, roi_mimic_loss
-from mimicdet.student.stream import MimicImages, MixedSampler, channel_stats, check_source, make_mimic_loader, open_source
+from mimicdet.store import StoreReader, open_store
+from mimicdet.student.mimic import (
+    MimicTransform,
+    logits_mimic_loss,
+    map_mimic_loss,
+    roi_mimic_loss,
+)
+from mimicdet.student.stream import (
+    MimicImages,
+    MixedSampler,
+    channel_stats,
+    check_source,
+    make_mimic_loader,
+    open_source,
+)
 
 CONFIG_NAME = "student_config.json"  # the run identity a rerun is compared with
 
@@ -429,10 +447,7 @@ def check_out_dir(cfg: StudentConfig) -> None:
                     f"{cfg.out}: holds a run with a different configuration ({', '.join(sorted(diff))}); "
                     "use --overwrite or another --out"
                 )
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    tmp = cfg_path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(mine, indent=1))
-    tmp.replace(cfg_path)
+    write_json(cfg_path, mine, indent=1)
 
 
 def _preprocess_of(store: StoreReader) -> Preprocess:

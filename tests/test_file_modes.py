@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimicdet.detection.checkpoints import current_umask, follow_umask
+from mimicdet.data.paths import current_umask, follow_umask
 from mimicdet.detection.detector import Detector, DetectorConfig, save_detector
 
 

@@ -21,7 +21,6 @@ import copy
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -110,19 +109,11 @@ class COCOEvaluator:
 
     def write_results(self, path: str | os.PathLike) -> Path:
         """Write the COCO results JSON atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from mimicdet.detection.checkpoints import follow_umask
+        from mimicdet.data.paths import atomic_path
 
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.results(), f)
-            follow_umask(tmp)  # mkstemp made it 0600
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.results()))
         return path
 
     # --- evaluation ----------------------------------------------------------------------------------
