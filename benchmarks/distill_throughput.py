@@ -66,7 +66,8 @@ from mimicdet.detection.detector import Detector, DetectorConfig, build_detector
 from mimicdet.detection.trainer import Trainer  # noqa: E402
 from mimicdet.pipeline.extract import ExtractConfig, load_teacher, run_extract  # noqa: E402
 from mimicdet.student.mimic import MimicTransform, roi_mimic_loss  # noqa: E402
-from mimicdet.student.stream import MimicBatch, MimicImages, MixedSampler, make_mimic_loader, open_source  # noqa: E402
+from mimicdet.store.training import open_source  # noqa: E402
+from mimicdet.student.stream import MimicBatch, MimicImages, MixedSampler, make_mimic_loader  # noqa: E402
 from mimicdet.student.train import StudentConfig, StudentModel, build_student, run_train_student, train_config  # noqa: E402
 
 SIZE, BATCH, WIDTH, ROIS, PROPOSALS = 256, 8, 0.25, 64, 300

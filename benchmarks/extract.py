@@ -406,7 +406,8 @@ def entropy_bits(values: np.ndarray) -> float:
 
 
 def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
-    from mimicdet.student.stream import MimicImages, MixedSampler, make_mimic_loader, open_source
+    from mimicdet.store.training import open_source
+    from mimicdet.student.stream import MimicImages, MixedSampler, make_mimic_loader
     from mimicdet.student.mimic import MimicTransform
     from mimicdet.student.train import StudentConfig, StudentModel, build_student
 

@@ -7,7 +7,8 @@ completion marker (object sizes and crc32c) is written, so writers of disjoint s
 machines. The full contract: docs/store-format.md.
 
 Modules: ``manifest`` (what a store is), ``format`` (packing one shard), ``zarr_backend`` / ``hdf5_backend``
-(the two layouts), ``backend`` (opening a location), ``writer``, ``reader``, ``verify``, ``inspect``.
+(the two layouts), ``backend`` (opening a location), ``writer``, ``reader``, ``verify``, ``inspect``, and ``training``
+(:func:`open_for_training`: every check before a student trains on stores).
 Locations are local paths or fsspec URLs (``s3://bucket/prefix``; pass ``storage_options`` or set
 ``$MIMICDET_S3_ENDPOINT`` for an S3-compatible endpoint).
 """
@@ -17,6 +18,7 @@ from mimicdet.store.format import ImageFeatures, quantise_int8
 from mimicdet.store.inspect import describe_store, format_inspection, inspect_store
 from mimicdet.store.manifest import FORMAT_VERSION, Manifest
 from mimicdet.store.reader import StoreReader, open_store
+from mimicdet.store.training import TrainingStores, open_for_training
 from mimicdet.store.verify import VerifyReport, check_dataset, verify_store
 from mimicdet.store.writer import StoreWriter, create_store, open_writer
 
@@ -27,12 +29,14 @@ __all__ = [
     "StoreError",
     "StoreReader",
     "StoreWriter",
+    "TrainingStores",
     "VerifyReport",
     "check_dataset",
     "create_store",
     "describe_store",
     "format_inspection",
     "inspect_store",
+    "open_for_training",
     "open_store",
     "open_writer",
     "quantise_int8",

@@ -17,7 +17,7 @@ store only), batched as ``MimicBatch.more_teacher_features[k]`` ``float32[N, Ct_
 holds the images of every source.
 
 Damaged data stops training with a StoreError (or DataError for an unreadable image) naming the store, shard and
-image, raised in the training process even when DataLoader workers hit it. :func:`check_source` runs before
+image, raised in the training process even when DataLoader workers hit it. :func:`mimicdet.store.training.check_source` runs before
 training: it finds truncated or missing shard objects at once, and with ``skip_corrupt`` decodes every shard the
 run uses and leaves the damaged images out.
 """
@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimicdet.data.errors import DataError, StoreError
-from mimicdet.store import StoreReader, check_dataset, open_store, verify_store
+from mimicdet.store import StoreReader
 from mimicdet.data.loader import Batch, DetectionImages, IterationSampler, collate, loader_generator, mix_seeds
 from mimicdet.data.records import Dataset
 
@@ -327,59 +327,3 @@ def channel_stats(store: StoreReader, *, max_images: int = 64) -> tuple[torch.Te
     # A channel that never varies carries no signal; 1 keeps it at its centred value instead of dividing by 0.
     std = np.where(std > 1e-6 * max(float(std.max()), 1e-12), std, 1.0)
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
-
-
-def open_source(store_url: str, dataset: Dataset, *, storage_options: dict | None = None) -> StoreReader:
-    """Open a store, check it was made from ``dataset`` by `mimicdet.store.check_dataset`, the rule
-    `mimic verify-store --data` applies (every image id present; when it holds exactly those images, the digest of
-    ids and image sizes decides, not the dataset folder's name), and that it is complete."""
-    store = open_store(store_url, storage_options=storage_options or None)
-    problems, _notes = check_dataset(store.manifest, dataset)  # notes (a renamed folder) do not concern training
-    if problems:
-        raise StoreError(
-            f"{store_url}: store was made from another dataset: {problems[0]}; extract the teacher on this dataset"
-        )
-    if not store.is_complete():
-        done = len(store.completed_shards())
-        raise StoreError(
-            f"{store_url}: store is incomplete ({done}/{store.manifest.num_shards} shards); "
-            "finish it with `mimic extract-teacher ... --resume`"
-        )
-    return store
-
-
-@dataclass(frozen=True)
-class SkippedImage:
-    store: str
-    image_id: str
-    problem: str
-
-
-def check_source(
-    store: StoreReader, dataset: Dataset, *, skip_corrupt: bool, storage_options: dict | None = None
-) -> tuple[Dataset, list[SkippedImage]]:
-    """Verify the shards of ``store`` that ``dataset``'s images live in, before training on them.
-
-    Without ``skip_corrupt``: markers and object sizes only (no data read; finds truncated or missing objects
-    and edited markers), raising StoreError naming the shard and image; damaged contents are found when read.
-    With it: also every checksum, decode and NaN/Inf check (one read of those shards), and the damaged images
-    are dropped. Returns the dataset to train on and what was skipped."""
-    index = [store.index_of(r.image_id) for r in dataset.records]
-    shards = sorted({store.shard_of(i) for i in index})
-    report = verify_store(store.url, shards=shards, deep=skip_corrupt, storage_options=storage_options or None)
-    if report.errors and not report.bad_images:
-        raise StoreError(f"{store.url}: {report.errors[0]}")
-    hits = [k for k, i in enumerate(index) if i in report.bad_images]
-    if not hits:
-        return dataset, []
-    first = f"{dataset.records[hits[0]].image_id!r} ({report.bad_images[index[hits[0]]]})"
-    if not skip_corrupt:
-        raise StoreError(
-            f"{store.url}: {len(hits)} of the {len(dataset)} images to train on are damaged, first {first}; "
-            "--skip-corrupt trains without them (`mimic verify-store` lists them)"
-        )
-    if len(hits) == len(dataset):
-        raise StoreError(f"{store.url}: every one of the {len(dataset)} images to train on is damaged, first {first}")
-    skipped = [SkippedImage(store.url, dataset.records[k].image_id, report.bad_images[index[k]]) for k in hits]
-    drop = set(hits)
-    return dataset.subset([k for k in range(len(dataset)) if k not in drop]), skipped

@@ -39,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from mimicdet.data import load_dataset
-from mimicdet.data.errors import StoreError
 from mimicdet.data.loader import DetectionImages, mix_seeds
 from mimicdet.data.paths import check_output_apart, write_json
 from mimicdet.data.records import Dataset
@@ -64,20 +63,14 @@ from mimicdet.detection.trainer import (
     clear_run_files,
 )
 from mimicdet.store import StoreReader, open_store
+from mimicdet.store.training import open_for_training, store_classes
 from mimicdet.student.mimic import (
     MimicTransform,
     logits_mimic_loss,
     map_mimic_loss,
     roi_mimic_loss,
 )
-from mimicdet.student.stream import (
-    MimicImages,
-    MixedSampler,
-    channel_stats,
-    check_source,
-    make_mimic_loader,
-    open_source,
-)
+from mimicdet.student.stream import MimicImages, MixedSampler, channel_stats, make_mimic_loader
 
 CONFIG_NAME = "student_config.json"  # the run identity a rerun is compared with
 
@@ -450,10 +443,6 @@ def check_out_dir(cfg: StudentConfig) -> None:
     write_json(cfg_path, mine, indent=1)
 
 
-def _preprocess_of(store: StoreReader) -> Preprocess:
-    return Preprocess.from_dict(dict(store.manifest.preprocess))
-
-
 def train_config(cfg: StudentConfig) -> TrainConfig:
     """The optimiser, schedule and loop settings of a student run (warm-up: at most a fifth of the run)."""
     return TrainConfig(
@@ -476,76 +465,31 @@ def run_train_student(cfg: StudentConfig) -> dict:
     images left out (``--skip-corrupt``)."""
     cfg = inherit_anchors(cfg)
     # The teacher fixed the class order (label k+1 <-> classes[k]); read the data with the store's classes.
-    primary = cfg.primary_store
-    classes = open_store(primary, storage_options=cfg.storage_options or None).manifest.classes
-    full = load_dataset(cfg.data, cfg.split, classes=list(classes) or None)
-    store = open_source(primary, full, storage_options=cfg.storage_options)
-    dataset, skipped = check_source(
-        store, full.seeded_subset(cfg.subset, cfg.subset_seed), skip_corrupt=cfg.skip_corrupt,
-        storage_options=cfg.storage_options
+    classes = list(store_classes(cfg.primary_store, cfg.storage_options)) or None
+    full = load_dataset(cfg.data, cfg.split, classes=classes)
+    torch.manual_seed(cfg.seed)  # the student's initial weights
+    student = build_student(cfg, full.classes)
+    opened = open_for_training(
+        cfg.stores, full, subset=cfg.subset, subset_seed=cfg.subset_seed,
+        unlabelled_stores=cfg.unlabeled_stores,
+        unlabelled=load_dataset(cfg.unlabeled_data, cfg.unlabeled_split, classes=classes) if cfg.unlabeled else None,
+        flip=cfg.flip, skip_corrupt=cfg.skip_corrupt, student_stride=student.feature_stride,
+        input_scale=cfg.input_scale, scale_mimic=cfg.scale_mimic, storage_options=cfg.storage_options,
     )
-    more_stores = []
-    for url in cfg.stores[1:]:
-        more = open_source(url, full, storage_options=cfg.storage_options)
-        check_same_images(store, more)
-        dataset, more_skipped = check_source(
-            more, dataset, skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
-        )
-        skipped += more_skipped
-        more_stores.append(more)
-    manifest = store.manifest
-    store.check_compatible(classes=dataset.classes)
-    pre = _preprocess_of(store)
-    flip = cfg.flip
-    for url, reader in zip(cfg.stores, (store, *more_stores)):
-        if flip and not reader.manifest.has_flips:
-            warnings.warn(
-                f"{url}: store has no flipped teacher records; flips are turned off "
-                "(re-extract with --flip to train with flips)",
-                stacklevel=2,
-            )
-            flip = False
+    dataset, unl, flip, skipped = opened.labelled, opened.unlabelled, opened.flip, list(opened.skipped)
+    store, more_stores = opened.readers[0], list(opened.readers[1:])
+    manifest, pre = opened.manifest, opened.preprocess
     sources = [(dataset, store)]
     images = [DetectionImages(dataset, pre, scale=cfg.input_scale)]
-    n_unl = 0
     more_teachers = [[m] for m in more_stores]  # per further teacher, its store per source
-    if cfg.unlabeled:
-        unl = load_dataset(cfg.unlabeled_data, cfg.unlabeled_split, classes=list(classes) or None)
-        unl = replace(unl, records=tuple(replace(r, labelled=False) for r in unl.records))
-        unl_readers = []
-        # Teacher k's store of the unlabelled images comes from teacher k (the same one as its labelled store).
-        for k, (unl_url, url, lab) in enumerate(zip(cfg.unlabeled_stores, cfg.stores, (store, *more_stores))):
-            unl_store = open_source(unl_url, unl, storage_options=cfg.storage_options)
-            if unl_store.manifest.teacher_sha256 != lab.manifest.teacher_sha256:
-                raise StoreError(
-                    f"{unl_url}: made by teacher {unl_store.manifest.teacher_sha256[:12]}, but {url} by "
-                    f"{lab.manifest.teacher_sha256[:12]}; both stores must come from the same teacher"
-                )
-            unl_store.check_compatible(preprocess=pre, stride=manifest.stride, channels=lab.manifest.channels)
-            if k:
-                check_same_images(unl_readers[0], unl_store)
-            if flip and not unl_store.manifest.has_flips:
-                raise StoreError(f"{unl_url}: has no flipped records but {url} does; extract both alike")
-            unl, unl_skipped = check_source(
-                unl_store, unl, skip_corrupt=cfg.skip_corrupt, storage_options=cfg.storage_options
-            )
-            skipped += unl_skipped
-            unl_readers.append(unl_store)
-        sources.append((unl, unl_readers[0]))
+    n_unl = 0
+    if unl is not None:
+        sources.append((unl, opened.unlabelled_readers[0]))
         images.append(DetectionImages(unl, pre, scale=cfg.input_scale))
-        for per_source, unl_store in zip(more_teachers, unl_readers[1:]):
+        for per_source, unl_store in zip(more_teachers, opened.unlabelled_readers[1:]):
             per_source.append(unl_store)
         n_unl = len(unl)
 
-    torch.manual_seed(cfg.seed)  # the student's initial weights
-    student = build_student(cfg, dataset.classes)
-    # One grid for both maps: student stride (in its own pixels) / input scale == teacher stride.
-    if student.feature_stride / cfg.input_scale != manifest.stride:
-        raise StoreError(
-            f"{primary}: store features.stride {manifest.stride} != student stride "
-            f"{student.feature_stride} at input scale {cfg.input_scale}"
-            + ("" if cfg.scale_mimic else " (scale mimic needs --scale-mimic)")
-        )
     transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=manifest.channels) if cfg.feature_mimic else None
     # One r_k per further teacher (its own width: student channels -> that teacher's channels).
     more_transforms = [
@@ -624,26 +568,6 @@ def run_train_student(cfg: StudentConfig) -> dict:
     summary["world_size"] = world
     summary["skipped_images"] = [asdict(k) for k in skipped]
     return summary
-
-
-# Manifest fields (as diff_fields names them) that must agree between the stores of several teachers: the same
-# images, preprocessed alike, on one feature grid. Teacher identity, width, channels, dtype and head may differ.
-_SAME_IMAGES_FIELDS = ("dataset.name", "dataset.split", "dataset.digest", "dataset.image_ids", "features.stride")
-
-
-def check_same_images(primary: StoreReader, other: StoreReader) -> None:
-    """Refuse, naming both stores and every field that differs, a further teacher's store that does not describe
-    the primary store's dataset and preprocessing (its map would sit on another grid or another image)."""
-    diffs = [
-        f"{path} {b} != {a}"
-        for path, a, b in primary.manifest.diff_fields(other.manifest)
-        if path in _SAME_IMAGES_FIELDS or path == "preprocess" or path.startswith("preprocess.")
-    ]
-    if diffs:
-        raise StoreError(
-            f"{other.url} and {primary.url}: the stores of several teachers must describe the same dataset and "
-            f"preprocessing; {other.url} differs from {primary.url} in {'; '.join(diffs)}"
-        )
 
 
 def teachers_meta(cfg: StudentConfig, stores: list[StoreReader]) -> list[dict]:
