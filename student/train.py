@@ -63,7 +63,7 @@ from mimicdet.detection.trainer import (
     clear_run_files,
 )
 from mimicdet.store import StoreReader, open_store
-from mimicdet.store.training import open_for_training, store_classes
+from mimicdet.store.training import TrainingStores, open_for_training, store_classes
 from mimicdet.student.mimic import (
     MimicTransform,
     logits_mimic_loss,
@@ -490,15 +490,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
             per_source.append(unl_store)
         n_unl = len(unl)
 
-    transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=manifest.channels) if cfg.feature_mimic else None
-    # One r_k per further teacher (its own width: student channels -> that teacher's channels).
-    more_transforms = [
-        MimicTransform(student_channels=student.feature_channels, teacher_channels=m.manifest.channels)
-        for m in more_stores
-    ]
-    model = StudentModel(student, transform, cfg, manifest.stride, more_transforms)
-    if cfg.mimic_norm == "channel" and cfg.feature_mimic:
-        model.teacher_stats = [channel_stats(reader) for reader in (store, *more_stores)]
+    model = _student_model(cfg, student, opened.readers)
 
     meta = _student_meta(cfg, dataset, manifest, pre)
     if more_stores:
@@ -510,24 +502,8 @@ def run_train_student(cfg: StudentConfig) -> dict:
         hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
     # Built once here so a batch composition it refuses is refused before the run folder is touched.
     MixedSampler(len(dataset), n_unl, cfg.batch_size, unlabelled_fraction=cfg.unlabeled_fraction, seed=cfg.seed)
-    small = small_object_warning(dataset, pre, manifest.stride, scale=cfg.input_scale)
-    if small:
-        warnings.warn(small, stacklevel=2)
-    if skipped:
-        shown = ", ".join(repr(k.image_id) for k in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-        warnings.warn(f"--skip-corrupt: left out {len(skipped)} damaged image(s): {shown}", stacklevel=2)
-
-    rank, world = _dist_rank_world()
-    if world > 1:
-        _init_dist(cfg.device)
-        if cfg.batch_size % world:
-            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    if rank == 0:
-        check_out_dir(cfg)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # the run folder is ready before any process reads a checkpoint from it
+    _warn_before_training(cfg, opened)
+    rank, world = _claim_run_folder(cfg)
     mimic_images = MimicImages(sources, images, more_teachers=more_teachers)
 
     def batches(start_iter: int):
@@ -568,6 +544,46 @@ def run_train_student(cfg: StudentConfig) -> dict:
     summary["world_size"] = world
     summary["skipped_images"] = [asdict(k) for k in skipped]
     return summary
+
+
+def _student_model(cfg: StudentConfig, student: Detector, readers: Sequence[StoreReader]) -> StudentModel:
+    """The student plus its transform ``r_k`` per teacher (student channels -> that teacher's channels) and, for
+    ``--mimic-norm channel``, each teacher's channel statistics."""
+    def r(reader: StoreReader) -> MimicTransform:
+        return MimicTransform(student_channels=student.feature_channels, teacher_channels=reader.manifest.channels)
+
+    primary = r(readers[0]) if cfg.feature_mimic else None
+    model = StudentModel(student, primary, cfg, readers[0].manifest.stride, [r(m) for m in readers[1:]])
+    if cfg.mimic_norm == "channel" and cfg.feature_mimic:
+        model.teacher_stats = [channel_stats(reader) for reader in readers]
+    return model
+
+
+def _warn_before_training(cfg: StudentConfig, opened: TrainingStores) -> None:
+    small = small_object_warning(opened.labelled, opened.preprocess, opened.manifest.stride, scale=cfg.input_scale)
+    if small:
+        warnings.warn(small, stacklevel=3)
+    skipped = opened.skipped
+    if skipped:
+        shown = ", ".join(repr(k.image_id) for k in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        warnings.warn(f"--skip-corrupt: left out {len(skipped)} damaged image(s): {shown}", stacklevel=3)
+
+
+def _claim_run_folder(cfg: StudentConfig) -> tuple[int, int]:
+    """(rank, world size): joins the torchrun group, and rank 0 claims the run folder before any process reads
+    a checkpoint from it."""
+    rank, world = _dist_rank_world()
+    if world > 1:
+        _init_dist(cfg.device)
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    if rank == 0:
+        check_out_dir(cfg)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return rank, world
 
 
 def teachers_meta(cfg: StudentConfig, stores: list[StoreReader]) -> list[dict]:
