@@ -247,7 +247,9 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
                  "settings": settings, "strategies": strategies, "min_size": min_size, "max_size": max_size,
                  "min_object": min_object}
     if student_iters:
-        overrides |= {"student_iters": student_iters, "stage2_iters": max(1, student_iters // 2)}
+        from mimicdet.student.recipe import stage2_iters
+
+        overrides |= {"student_iters": student_iters, "stage2_iters": stage2_iters(student_iters)}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     run_demo(DemoConfig(out=Path(out), data=Path(data) if data else None, mode=mode or "default", budget=budget,
                         device=device, workers=workers, report_split=report_split), echo=click.echo)

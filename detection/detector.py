@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mimicdet.data.errors import DataError
 from mimicdet.data.paths import atomic_path
+from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS
 from mimicdet.detection.backbone import InceptionBackbone
 from mimicdet.detection.heads import HEAD_KINDS, BoxHead, BoxHeadConfig, build_box_head
 from mimicdet.detection.rpn import RPN, RPNConfig, default_rpn_channels
@@ -34,8 +35,8 @@ class DetectorConfig:
     width: float = 1.0
     head: str = "fast-rcnn"  # "fast-rcnn" | "rfcn" | "none" (backbone + RPN only: stage-1 student)
     rpn_channels: int | None = None  # None -> min(feature channels, 256)
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)  # suits 256 px images with 12-120 px objects
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width; rpn.PEDESTRIAN_ASPECT_RATIOS = (2, 3)
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
+    aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS
     rpn_pre_nms_top_n_train: int = 1000
     rpn_post_nms_top_n_train: int = 300
     rpn_pre_nms_top_n_test: int = 1000

@@ -18,9 +18,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
-DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
-# Pedestrians stand: height:width 2:1 and 3:1 (Caltech boxes average about 2.4:1).
-PEDESTRIAN_ASPECT_RATIOS: tuple[float, ...] = (2.0, 3.0)
+from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS
 
 
 def default_rpn_channels(in_channels: int) -> int:
@@ -81,7 +79,7 @@ class RPNConfig:
     in_channels: int
     stride: int
     mid_channels: int | None = None  # None -> default_rpn_channels(in_channels)
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
     aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS
     pre_nms_top_n_train: int = 1000
     post_nms_top_n_train: int = 300

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mimicdet.data.errors import DataError
+from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES
 
 ASSET = Path(__file__).resolve().parent / "builtin_teacher"
 
@@ -42,7 +43,7 @@ class BuiltinTeacher:
     lr: float = 0.04
     min_size: int = 192
     max_size: int = 320
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
     seed: int = 0
     workers: int = 1
     # its learning curve on val (also part of the recorded run: the command is rerun exactly)

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mimicdet.data.paths import atomic_path, write_json
+from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES
 from mimicdet.student.family import width_label
 
 MODES = ("quick", "default", "study")
@@ -77,7 +78,7 @@ class Budget:
     rois_per_image: int = 64
     eval_every: int = 100  # stage-1 recall curve points
     eval_images: int = 150  # images per periodic evaluation
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
     seeds: tuple[int, ...] = (0,)
     settings: tuple[str, ...] = ("limited+pool",)
     # Stage-1 strategies, stage 2 following each: scratch, the paper's eq. 5, and eq. 5 on standardised teacher
@@ -615,7 +616,7 @@ def _older_logits_match(run: Path) -> tuple[str, str] | None:
     ``logits_balance`` in their config; students written before the weight moved to ``DEFAULT_LOGITS_WEIGHT``
     record another ``logits_weight`` (``null``: the older default, 1).
     """
-    from mimicdet.student.train import DEFAULT_LOGITS_WEIGHT
+    from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT
 
     config = run / "student_config.json"
     if not (run / "model.pt").exists() or not config.exists():

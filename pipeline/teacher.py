@@ -22,6 +22,7 @@ import torch
 from mimicdet.data.errors import DataError
 from mimicdet.data.paths import check_output_apart, write_json
 from mimicdet.data.records import Dataset
+from mimicdet.detection.anchors import ANCHOR_PRESETS
 from mimicdet.detection.trainer import (
     CHECKPOINT_NAME,
     Hook,
@@ -45,13 +46,6 @@ HEADS = ("fast-rcnn", "rfcn")
 DEFAULT_ITERS = 300
 DEFAULT_LR = 0.02
 
-# name -> (anchor sizes in input pixels (sqrt of area), aspect ratios as height / width).
-ANCHOR_PRESETS: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {
-    "default": ((16, 32, 64, 128), (0.5, 1.0, 2.0)),
-    # Upright pedestrians are about 0.41 wide per unit of height (h/w ~ 2.4): two tall ratios, and finer
-    # sqrt(2) size steps since only two shapes cover each scale.
-    "pedestrian": ((16, 23, 32, 45, 64, 91, 128), (2.0, 3.0)),
-}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mimicdet.data.paths import write_json
+from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS
+from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT, stage2_iters
 
 STAGE_METRIC = {1: "recall@300_iou0.7", 2: "mAP@0.5_11pt"}
 METRIC_LABEL = {"recall@300_iou0.7": "recall@0.7 (300 proposals)", "mAP@0.5_11pt": "mAP@0.5"}
@@ -86,12 +88,10 @@ class FamilyConfig:
     batch_size: int = 8
     lr: float = 0.02
     mimic_weight: float = 1.0
-    # Stage 2, mimic students (0 for mimic "none"); student.train.DEFAULT_LOGITS_WEIGHT, written out so this
-    # module stays importable without torch (tests/test_family.py checks they agree).
-    logits_weight: float = 0.3
+    logits_weight: float = DEFAULT_LOGITS_WEIGHT  # stage 2, mimic students (0 for mimic "none")
     rois_per_image: int = 64
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
+    aspect_ratios: tuple[float, ...] = DEFAULT_ASPECT_RATIOS
     seed: int = 0
     teacher: Path | None = None  # evaluated too: the reference point and speed-up baseline
     eval_split: str = "test"
@@ -129,7 +129,7 @@ class FamilyConfig:
 
     @property
     def second_iters(self) -> int:
-        return self.stage2_iters if self.stage2_iters is not None else max(1, self.iters // 2)
+        return self.stage2_iters if self.stage2_iters is not None else stage2_iters(self.iters)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))

@@ -44,6 +44,7 @@ from mimicdet.data.paths import check_output_apart, write_json
 from mimicdet.data.records import Dataset
 from mimicdet.data.summary import small_object_warning
 from mimicdet.data.transforms import Preprocess
+from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS
 from mimicdet.detection.checkpoints import file_sha256
 from mimicdet.detection.detector import (
     Detector,
@@ -63,6 +64,7 @@ from mimicdet.detection.trainer import (
     clear_run_files,
 )
 from mimicdet.store import StoreReader, open_store
+from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT
 from mimicdet.store.training import TrainingStores, open_for_training, store_classes
 from mimicdet.student.mimic import (
     MimicTransform,
@@ -78,13 +80,10 @@ STRATEGIES = ("roi", "map", "logits", "none")
 SAMPLERS = ("roialign", "native")
 MIMIC_NORMS = ("none", "channel")
 
-# Stage-2 logits-match weight for "roi"/"logits" students, chosen on held-out images in three settings
-# (docs/experiments/logits-weight.md): a weight of 1 pulls a 1/4 student's backbone off its proposals.
-DEFAULT_LOGITS_WEIGHT = 0.3
 
 
 # RPN anchor sizes (input pixels) and height/width ratios of a student that is given none and inherits none.
-DEFAULT_ANCHORS: tuple[tuple[int, ...], tuple[float, ...]] = ((16, 32, 64, 128), (0.5, 1.0, 2.0))
+DEFAULT_ANCHORS: tuple[tuple[int, ...], tuple[float, ...]] = (DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS)
 
 
 def inherit_anchors(cfg: StudentConfig) -> StudentConfig:

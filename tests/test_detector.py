@@ -20,7 +20,8 @@ from mimicdet.detection.detector import (
     load_detector,
     save_detector,
 )
-from mimicdet.detection.rpn import PEDESTRIAN_ASPECT_RATIOS, FixedStrideAnchorGenerator
+from mimicdet.detection.anchors import PEDESTRIAN_ASPECT_RATIOS
+from mimicdet.detection.rpn import FixedStrideAnchorGenerator
 
 torch.set_num_threads(1)
 
