@@ -66,6 +66,7 @@ from mimicdet.detection.detector import Detector, DetectorConfig, build_detector
 from mimicdet.detection.trainer import Trainer  # noqa: E402
 from mimicdet.pipeline.extract import ExtractConfig, load_teacher, run_extract  # noqa: E402
 from mimicdet.student.mimic import MimicTransform, roi_mimic_loss  # noqa: E402
+from mimicdet.detection.environment import cpu_model  # noqa: E402
 from mimicdet.store.training import open_source  # noqa: E402
 from mimicdet.student.stream import MimicBatch, MimicImages, MixedSampler, make_mimic_loader  # noqa: E402
 from mimicdet.student.train import StudentConfig, StudentModel, build_student, run_train_student, train_config  # noqa: E402
@@ -344,17 +345,9 @@ def same_loss_check(cfg: StudentConfig, teacher: Detector, store_url: str) -> di
 
 
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -56,17 +56,8 @@ def _field(entry, key: str, types, where: str):
     return value
 
 
-def read_coco(
-    annotation_json: Path | str, image_root: Path | str, *, split: str, classes=None, name: str | None = None
-) -> Dataset:
-    """The images and boxes of a COCO annotation file (see the module docstring for the conventions).
-
-    ``classes``, when given, must equal the category names in category-id order (a check, not a selection).
-    """
-    src = Path(annotation_json)
-    image_root = Path(image_root)
-    doc = _load(src)
-
+def _categories(doc: dict, src: Path, classes) -> tuple[list[int], tuple[str, ...]]:
+    """Category ids and names in id order, checked unique (and equal to ``classes`` when given)."""
     cats = []
     for k, c in enumerate(doc["categories"]):
         where = f"{src}: categories[{k}]"
@@ -83,6 +74,20 @@ def read_coco(
         raise DataError(
             f"{src}: categories (in id order) are {list(names)}, but classes {list(classes)} were asked for"
         )
+    return ids, names
+
+
+def read_coco(
+    annotation_json: Path | str, image_root: Path | str, *, split: str, classes=None, name: str | None = None
+) -> Dataset:
+    """The images and boxes of a COCO annotation file (see the module docstring for the conventions).
+
+    ``classes``, when given, must equal the category names in category-id order (a check, not a selection).
+    """
+    src = Path(annotation_json)
+    image_root = Path(image_root)
+    doc = _load(src)
+    ids, names = _categories(doc, src, classes)
     label_of = {cid: k + 1 for k, cid in enumerate(ids)}
 
     images: dict = {}

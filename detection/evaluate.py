@@ -182,17 +182,7 @@ def evaluate_model(
     metrics = check_metrics(metrics)
     pre, scale = _preprocess_and_scale(meta)
     classes = tuple(meta.get("classes", dataset.classes))
-    if tuple(dataset.classes) != classes:
-        raise DataError(
-            f"dataset {dataset.name}/{dataset.split} has classes {list(dataset.classes)} but the model was "
-            f"trained on {list(classes)}"
-        )
-    keep = [i for i, r in enumerate(dataset.records) if r.labelled]
-    if max_images is not None:
-        keep = keep[:max_images]
-    if not keep:
-        raise DataError(f"dataset {dataset.name}/{dataset.split}: no labelled images to evaluate on")
-    data = dataset.subset(keep)
+    data = _images_to_score(dataset, classes, max_images)
 
     dev = device if isinstance(device, torch.device) else select_device(device)
     head = getattr(getattr(model, "config", None), "head", "fast-rcnn")
@@ -212,15 +202,7 @@ def evaluate_model(
                                            workers=workers, progress=progress, name=name)
     finally:
         model.train(was_training)
-    results = {m: ev.evaluate() for m, ev in evaluators.items()}
-    if keep_hits and "recall" in evaluators:
-        # Per test box, recalled or not (fixed box order): what a paired significance test between two models needs.
-        ev = evaluators["recall"]
-        results["recall"]["hits"] = {
-            f"top{n}_iou{t}": ev.per_box_hits(top_n=n, iou_threshold=t).tolist() for n in (300,) for t in (0.5, 0.7)
-        }
-    if keep_hits and "voc" in evaluators:
-        results["voc"]["per_image"] = evaluators["voc"].per_image()  # for a paired image bootstrap of mAP
+    results = _results(evaluators, keep_hits=keep_hits)
 
     report: dict[str, Any] = {
         **results,
@@ -246,6 +228,35 @@ def evaluate_model(
         report["plots"] = write_plots(report, Path(plots_dir), name=name)
     model.train(was_training)  # profiling leaves the model in eval mode
     return report
+
+
+def _images_to_score(dataset: Dataset, classes: tuple[str, ...], max_images: int | None) -> Dataset:
+    """The labelled images (the first ``max_images``), after checking the model knows the dataset's classes."""
+    if tuple(dataset.classes) != classes:
+        raise DataError(
+            f"dataset {dataset.name}/{dataset.split} has classes {list(dataset.classes)} but the model was "
+            f"trained on {list(classes)}"
+        )
+    keep = [i for i, r in enumerate(dataset.records) if r.labelled]
+    if max_images is not None:
+        keep = keep[:max_images]
+    if not keep:
+        raise DataError(f"dataset {dataset.name}/{dataset.split}: no labelled images to evaluate on")
+    return dataset.subset(keep)
+
+
+def _results(evaluators: dict, *, keep_hits: bool) -> dict[str, Any]:
+    """Each evaluator's result; ``keep_hits`` adds what paired significance tests between two models need: per
+    test box whether it was recalled (fixed box order) and the VOC per-image detections."""
+    results = {m: ev.evaluate() for m, ev in evaluators.items()}
+    if keep_hits and "recall" in evaluators:
+        ev = evaluators["recall"]
+        results["recall"]["hits"] = {
+            f"top{n}_iou{t}": ev.per_box_hits(top_n=n, iou_threshold=t).tolist() for n in (300,) for t in (0.5, 0.7)
+        }
+    if keep_hits and "voc" in evaluators:
+        results["voc"]["per_image"] = evaluators["voc"].per_image()
+    return results
 
 
 def headline(report: dict) -> dict[str, float | None]:

@@ -1,147 +1,27 @@
-"""`mimic demo`: the paper's comparison end to end, on the built-in dataset or a VOC folder.
-
-Protocol (where the teacher's extra knowledge comes from): the teacher trains on a large pool of images (it
-stands for the well-trained model a user already has); students get a small labelled set. Settings:
-
-- ``same-data``: teacher and students see the same labelled set;
-- ``limited``: students see a small labelled set, with the teacher's records on it;
-- ``limited+pool``: as above, and students also mimic the teacher's records on the pool images whose labels
-  they are not given (train-student ``--unlabeled``).
-
-With ``control_teacher`` a second teacher of the same architecture and budget trains on the students' labelled
-images alone, and RoI-mimic students mimic it exactly as they mimic the real teacher. What the real teacher's
-students gain over the control's is transfer of knowledge the labelled images do not hold; what the control's
-students gain over scratch is regularisation (a second, label-free training signal).
-
-Every stage (data, teacher, extraction, each student, each evaluation) writes its result under the run folder
-and is skipped when that result exists, so an interrupted demo resumes where it stopped. Everything a table
-claims is in ``report.json``; paired significance (McNemar over test boxes) compares each student with scratch.
-"""
+"""The demo's stages: data, teacher, extraction, students, evaluations; each is skipped when its result
+exists, so an interrupted demo resumes where it stopped."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from mimicdet.data.paths import atomic_path, write_json
-from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES
-from mimicdet.student.family import width_label
-
-MODES = ("quick", "default", "study")
-SETTINGS = ("same-data", "limited", "limited+pool")
-CONTROL = "control teacher"  # the control teacher's own row; its students' rows say "(control teacher)"
-# Strategy "assistant": RoI mimic of a narrower teacher (``Budget.second_teacher_width``) trained like the teacher, a
-# "teacher assistant" (Mirzadeh et al., AAAI 2020) that closes part of the width gap between teacher and student.
-ASSISTANT = "assistant teacher"
-_RUN_TAGS = {"assistant": "roi-teacher2"}  # run-folder names say what the student mimicked
-TEACHER_ROWS = ("teacher", CONTROL, ASSISTANT)  # rows of teachers, not students
-# Budget fields that only add rows: a run folder may be rerun with more of them (everything else must match).
-_GROWABLE = ("seeds", "widths", "settings", "strategies", "extras", "control_teacher")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Sizes and iteration budgets; recorded in report.json."""
-
-    size: int = 192  # built-in image side, px
-    # Built-in: smallest pasted object, sqrt(w*h) px. 24, not the generator's 12: below 32 px the teacher itself
-    # recalls 4-15% of boxes at IoU 0.7, so there is nothing to mimic (docs/experiments/choosing-on-val.md).
-    min_object: float = 24.0
-    train: int = 150  # built-in labelled split
-    pool: int = 1000  # built-in teacher pool (also the unlabelled images: about what 250 student iterations mimic)
-    test: int = 300
-    val: int = 300  # built-in held-out split: settings are chosen on it (``--report-split val``), test reports
-    min_size: int = 192  # preprocessing: shorter side
-    max_size: int = 320
-    labelled: int = 150  # labelled images a student gets (limited settings)
-    # The teacher the repository ships for the built-in data (pipeline/builtin_teacher.py): used as given, not
-    # trained, when the data and these three match its recorded command.
-    teacher_width: float = 0.5
-    teacher_iters: int = 2500
-    # lr 0.04 (not 0.02): at 300 iterations the teacher's R@0.7 went 20.5 -> 32.4 (docs/experiments/diagnostics.md)
-    teacher_lr: float = 0.04
-    widths: tuple[float, ...] = (0.25,)
-    student_iters: int = 250  # stage 1
-    stage2_iters: int = 125
-    # The 1/4 students are optimisation-limited at 250 iterations: lr 0.1 raised scratch R@0.7 15.7 -> 18.6
-    # and RoI mimic 16.2 -> 19.9 against lr 0.04 (docs/experiments/diagnostics.md).
-    student_lr: float = 0.1
-    batch_size: int = 8
-    unlabeled_fraction: float = 0.5
-    rois_per_image: int = 64
-    eval_every: int = 100  # stage-1 recall curve points
-    eval_images: int = 150  # images per periodic evaluation
-    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
-    seeds: tuple[int, ...] = (0,)
-    settings: tuple[str, ...] = ("limited+pool",)
-    # Stage-1 strategies, stage 2 following each: scratch, the paper's eq. 5, and eq. 5 on standardised teacher
-    # channels (ahead of eq. 5 at stage 1 on every val run; docs/experiments/choosing-on-val.md).
-    strategies: tuple[str, ...] = ("none", "roi", "roi-norm")
-    proposals: int = 300
-    # Beyond the paper (stage 1, first setting/width/seed): a second, w=1/2 teacher mimicked beside the first
-    # ("several teachers"), and the RoI-mimic student trained from an int8 store of the first teacher.
-    extras: bool = False
-    second_teacher_width: float = 0.5
-    # RoI-mimic students (stage 1 and two-stage) of a control teacher: same width and budget as the teacher, trained
-    # on the students' labelled images only; limited settings only (in same-data it would be the teacher itself).
-    control_teacher: bool = False
-
-
-BUDGETS: dict[str, Budget] = {
-    "quick": Budget(size=128, train=24, pool=48, test=24, val=16, min_size=128, max_size=128, labelled=16,
-                    teacher_width=0.25, teacher_iters=20, widths=(0.125,), student_iters=12, stage2_iters=8,
-                    batch_size=4, eval_every=6, eval_images=24, rois_per_image=16, anchor_sizes=(16, 32, 64),
-                    second_teacher_width=0.125,
-                    proposals=50),
-    "default": Budget(),
-    "study": Budget(teacher_width=1.0, teacher_iters=400, widths=(0.25, 0.5), seeds=(0, 1), settings=SETTINGS,
-                    strategies=("none", "roi", "map", "scale"), extras=True),
-}
-
-
-def budget_for(mode: str, *, real_data: bool) -> Budget:
-    """The mode's budget; a user's dataset (real photos, larger objects, no built-in pool) gets anchors up to
-    256 px and a smaller labelled subset, the rest of its train split acting as the unlabelled pool."""
-    if mode not in MODES:
-        raise ValueError(f"demo mode must be one of {', '.join(MODES)}, got {mode!r}")
-    b = BUDGETS[mode]
-    if real_data:
-        b = replace(b, anchor_sizes=(32, 64, 128, 256), labelled=min(b.labelled, 40))
-    return b
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: Path = Path("runs/demo")
-    data: Path | None = None  # a VOC dataset instead of the built-in one
-    mode: str = "default"
-    budget: Budget | None = None  # None: BUDGETS[mode]
-    device: str = "auto"
-    workers: int = 2
-    progress: bool = True
-    # "test": the final report; "val": the same table on the validation split, for choosing settings (its own
-    # eval-val/, plots-val/ and report-val.json, so the test figures are read only once per configuration).
-    report_split: str = "test"
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"demo mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.report_split not in ("test", "val"):
-            raise ValueError(f"--report-split must be test or val, got {self.report_split!r}")
-
-    @property
-    def plan(self) -> Budget:
-        return self.budget or BUDGETS[self.mode]
-
-
-# ---------------------------------------------------------------------------------------------- stages
+from mimicdet.pipeline.demo.protocol import _GROWABLE, _RUN_TAGS, ASSISTANT, CONTROL, DemoConfig
+from mimicdet.pipeline.demo.report import (
+    _environment,
+    _folder_bytes,
+    _row,
+    _w,
+    compare_with_scratch,
+    format_table,
+    side_by_side_latency,
+    write_plots,
+)
 
 
 class Demo:
@@ -522,32 +402,11 @@ class Demo:
     # -- report
 
     def report(self, rows: list[dict], root: Path, parts: dict) -> dict:
-        from mimicdet.detection.metrics.significance import (
-            mcnemar,
-            paired_bootstrap_map,
-        )
-
-        self._side_by_side_latency(rows)
+        side_by_side_latency(rows, side=self.b.min_size, device=self.cfg.device)
         teacher_ms = rows[0]["ms_per_image"]
         for r in rows:
             r["speedup"] = teacher_ms / r["ms_per_image"] if r.get("ms_per_image") else None
-        # Paired test over the same test boxes: each student against the scratch student of its group.
-        by_key = {(r["setting"], r["width"], r["seed"], r["stage"], r["strategy"]): r for r in rows}
-        for r in rows:
-            if r["strategy"] in (*TEACHER_ROWS, "none", "scratch"):
-                continue
-            base = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], "none" if r["stage"] == 1 else "scratch"))
-            if base and r.get("hits") and base.get("hits"):
-                r["vs_scratch"] = mcnemar(np.array(r["hits"], bool), np.array(base["hits"], bool))
-            if base and r.get("voc_per_image") and base.get("voc_per_image"):
-                # Detection quality: paired bootstrap over test images of the VOC07 mAP difference.
-                r["vs_scratch_map"] = paired_bootstrap_map(r["voc_per_image"], base["voc_per_image"])
-            # Transfer: the real teacher's mimic student against the control teacher's, same seed and budget.
-            twin = by_key.get((r["setting"], r["width"], r["seed"], r["stage"], r.get("twin")))
-            if twin and r.get("hits") and twin.get("hits"):
-                r["transfer"] = mcnemar(np.array(twin["hits"], bool), np.array(r["hits"], bool))
-            if twin and r.get("voc_per_image") and twin.get("voc_per_image"):
-                r["transfer_map"] = paired_bootstrap_map(twin["voc_per_image"], r["voc_per_image"])
+        compare_with_scratch(rows)
         report = {
             "mode": self.cfg.mode,
             "data": str(root),
@@ -558,55 +417,10 @@ class Demo:
             "environment": _environment(),
         }
         _write_json(self.out / self.report_name, report)
-        self.plots(rows)
+        split = self.cfg.report_split
+        write_plots(rows, self.out / ("plots" if split == "test" else f"plots-{split}"), self.eval_dir)
         self.echo(format_table(report))
         return report
-
-    def _side_by_side_latency(self, rows: list[dict]) -> None:
-        """ms/image of the teacher and every full-size-input student, timed round-robin in this one run, so
-        the speed-ups are ratios measured side by side (half-size scale-mimic students keep their own figure)."""
-        from mimicdet.detection.detector import load_detector
-        from mimicdet.detection.device import select_device
-        from mimicdet.detection.profile import profile_models
-
-        models = {r["label"]: load_detector(r["model_path"])[0] for r in rows
-                  if r.get("model_path") and r.get("input_scale", 1.0) == 1.0}
-        side = self.b.min_size
-        timed = profile_models(models, input_size=(side, side), repeats=10, warmup=2,
-                               device=select_device(self.cfg.device))
-        for r in rows:
-            if r["label"] in timed:
-                r["ms_per_image"] = timed[r["label"]]["latency"]["median_ms"]
-                r["latency"] = f"side by side at {side}x{side}"
-
-    def plots(self, rows: list[dict]) -> None:
-        from mimicdet.detection.metrics import plots
-
-        folder = self.out / ("plots" if self.cfg.report_split == "test" else f"plots-{self.cfg.report_split}")
-        folder.mkdir(parents=True, exist_ok=True)
-        curves = {}
-        for r in rows:
-            if r["stage"] == 1 or r["strategy"] in TEACHER_ROWS:
-                ev = json.loads((self.eval_dir / f"{r['eval_name']}.json").read_text())
-                rc = ev.get("recall_curves")
-                if rc:
-                    curves[r["label"]] = {k: np.asarray(v, float) for k, v in rc.items()}
-        if curves:
-            plots.plot_recall_iou(curves, folder / "recall_iou.png")
-        series = {}
-        for r in rows:
-            if r.get("curve"):
-                its, vals = zip(*r["curve"])
-                series[r["label"]] = (list(its), list(vals))
-        if series:
-            plots.plot_lines(series, folder / "recall_vs_iterations.png", xlabel="iteration",
-                             ylabel="recall@0.7 (300 proposals)", title="Stage-1 recall during training")
-        points = [(r["label"], r["ms_per_image"], r["mAP"]) for r in rows
-                  if r["stage"] == 2 and r["strategy"] not in TEACHER_ROWS and r.get("mAP") is not None]
-        t = rows[0]
-        if points:
-            plots.plot_speed_accuracy(points=points, teacher_point=(t["label"], t["ms_per_image"], t["mAP"]),
-                                      path=folder / "speed_accuracy.png")
 
 
 def _older_logits_match(run: Path) -> tuple[str, str] | None:
@@ -630,124 +444,6 @@ def _older_logits_match(run: Path) -> tuple[str, str] | None:
         return (f"logits-w{weight:g}",
                 f"was trained with logits weight {weight:g} (an older default; now {DEFAULT_LOGITS_WEIGHT:g})")
     return None
-
-
-def _w(width: float) -> str:
-    """Width in run-folder names and labels (0.25 -> "1-4"); the table prints it as a fraction."""
-    return {1.0: "1", 0.5: "1-2", 0.25: "1-4", 0.125: "1-8"}.get(width, f"{width:g}")
-
-
-def _row(strategy: str, setting: str, seed, width: float, stage: int, ev: dict, run: Path | None = None) -> dict:
-    s = ev.get("summary", {})
-    label = "teacher" if strategy == "teacher" else f"{strategy} s{stage} w{_w(width)} {setting} seed{seed}"
-    row = {
-        "label": label,
-        "eval_name": ev.get("model", {}).get("name"),
-        "strategy": strategy,
-        "setting": setting,
-        "seed": seed,
-        "width": width,
-        "stage": stage,
-        "recall@300_iou0.5": s.get("recall@300_iou0.5"),
-        "recall@300_iou0.7": s.get("recall@300_iou0.7"),
-        "AR@300": s.get("AR@300"),
-        "mAP": s.get("mAP@0.5_11pt"),
-        "coco_AP": s.get("coco_AP"),
-        "params": s.get("params_total"),
-        "gflops": s.get("gflops"),
-        "ms_per_image": s.get("ms_per_image"),
-        "hits": ev.get("recall", {}).get("hits", {}).get("top300_iou0.7"),
-        "voc_per_image": ev.get("voc", {}).get("per_image"),
-    }
-    if run is not None and (run / "eval.jsonl").exists():
-        pts = []
-        for line in (run / "eval.jsonl").read_text().splitlines():
-            d = json.loads(line)
-            v = d.get("recall@300_iou0.7", d.get("metrics", {}).get("recall@300_iou0.7"))
-            if v is not None:
-                pts.append((d["iteration"], v))
-        row["curve"] = pts
-    return row
-
-
-def _pct(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
-def format_table(report: dict) -> str:
-    head = ("model", "setting", "seed", "w", "stage", "R@0.5", "R@0.7", "mAP@0.5", "COCO AP", "params", "GFLOPs", "ms/img",
-            "speed-up", "vs scratch (R@0.7, McNemar p)", "vs scratch (mAP, 95% CI, bootstrap p)")
-    with_store = any(r.get("store_mb") for r in report["rows"])
-    with_transfer = any("transfer" in r or "transfer_map" in r for r in report["rows"])
-    if with_store:
-        head = (*head, "store MB")
-    if with_transfer:
-        head = (*head, "teacher's mimic vs control's (R@0.7 McNemar; mAP, 95% CI, p)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report["rows"]:
-        vs = r.get("vs_scratch")
-        vs_s = f"b={vs['b']} c={vs['c']} p={vs['p_value']:.2g}" if vs else "-"
-        vm = r.get("vs_scratch_map")
-        vm_s = (f"{100 * vm['mean_diff']:+.1f} [{100 * vm['ci_low']:+.1f}, {100 * vm['ci_high']:+.1f}] "
-                f"p={vm['p_value']:.2g}" if vm else "-")
-        lines.append("| " + " | ".join([
-            r["strategy"] if r["strategy"] != "none" else "scratch", str(r["setting"]), str(r["seed"]), width_label(r["width"]),
-            str(r["stage"]), _pct(r["recall@300_iou0.5"]), _pct(r["recall@300_iou0.7"]),
-            _pct(r["mAP"]) if r["stage"] == 2 else "-", _pct(r["coco_AP"]) if r["stage"] == 2 else "-",
-            f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
-            f"{r['gflops']:.2f}" if r.get("gflops") else "-",
-            f"{r['ms_per_image']:.1f}" if r.get("ms_per_image") else "-",
-            f"{r['speedup']:.1f}x" if r.get("speedup") else "-", vs_s, vm_s]
-            + ([f"{r['store_mb']:.1f}" if r.get("store_mb") else "-"] if with_store else [])
-            + ([_transfer_cell(r)] if with_transfer else [])) + " |")
-    return "\n".join(lines)
-
-
-def _transfer_cell(r: dict) -> str:
-    """The real teacher's mimic student minus the control teacher's: b = boxes only the real teacher's recalls."""
-    parts = []
-    if vs := r.get("transfer"):
-        parts.append(f"b={vs['b']} c={vs['c']} p={vs['p_value']:.2g}")
-    if vm := r.get("transfer_map"):
-        parts.append(f"{100 * vm['mean_diff']:+.1f} [{100 * vm['ci_low']:+.1f}, {100 * vm['ci_high']:+.1f}] "
-                     f"p={vm['p_value']:.2g}")
-    return "; ".join(parts) or "-"
-
-
-def _environment() -> dict[str, str]:
-    """Versions that change the generated data or the numbers (image resampling, kernels), for report.json."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    # The CPU matters too: the same packages on another CPU model (AVX-512 against AMX kernels) or thread count
-    # train to different weights, so a run is repeatable to the digit only where all of these match.
-    out = {"python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model(),
-           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": str(torch.get_num_threads())}
-    for name in ("torch", "torchvision", "numpy", "pillow", "scikit-image", "mlxtend", "zarr", "numcodecs"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "missing"
-    return out
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _write_json(path: Path, obj: Any) -> None:
