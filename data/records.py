@@ -92,7 +92,7 @@ class Dataset:
             return self
         if not 1 <= size <= len(self):
             raise ValueError(f"--subset must be in [1, {len(self)}] for {self.name}/{self.split}, got {size}")
-        import torch  # the draw predates this method (torch's generator); kept so old runs pick the same images
+        import torch  # torch's generator fixes which images a seed picks; another would change every run
 
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size].sort().values
         return self.subset(order.tolist())

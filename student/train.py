@@ -163,7 +163,7 @@ class StudentConfig:
     skip_corrupt: bool = False  # verify the shards used before training and leave damaged images out
     progress: bool = True
     storage_options: dict = field(default_factory=dict)
-    # One weight w_k per store (L_m = Σ_k w_k·L_m^k); None means 1 each. Kept last so positional use is unchanged.
+    # One weight w_k per store (L_m = Σ_k w_k·L_m^k); None means 1 each.
     teacher_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:

@@ -92,3 +92,15 @@ def test_demo_uses_the_recorded_teacher_only_for_its_data_and_budget(tmp_path):
     install(_teacher_run(tmp_path / "run-other", "0" * 64), asset)
     with pytest.raises(ValueError, match="make teacher"):
         demo._shipped_teacher(root, "pool", tmp_path / "t4", recipe, asset)
+
+
+def test_a_users_dataset_keeps_a_teacher_trained_in_the_run_and_a_short_student_budget():
+    from mimicdet.pipeline.demo import budget_for
+
+    user = budget_for("default", real_data=True)
+    assert (user.teacher_width, user.teacher_iters, user.student_iters, user.stage2_iters) == (1.0, 400, 250, 125)
+    assert user.strategies == ("none", "roi", "roi-norm") and user.anchor_sizes == (32, 64, 128, 256)
+    assert user.labelled == 40
+    builtin = budget_for("default", real_data=False)
+    assert (builtin.teacher_width, builtin.teacher_iters) == (RECIPE.width, RECIPE.iters)
+    assert builtin.stage2_iters * 2 == builtin.student_iters
