@@ -74,7 +74,7 @@ BUDGETS: dict[str, Budget] = {
     "quick": Budget(size=128, train=24, pool=48, test=24, val=16, min_size=128, max_size=128, labelled=16,
                     teacher_width=0.25, teacher_iters=20, widths=(0.125,), student_iters=12, stage2_iters=8,
                     batch_size=4, eval_every=6, eval_images=24, rois_per_image=16, anchor_sizes=(16, 32, 64),
-                    second_teacher_width=0.125,
+                    second_teacher_width=0.125, strategies=("none", "roi", "roi-norm"),
                     proposals=50),
     "default": Budget(),
     "study": Budget(teacher_width=1.0, teacher_iters=400, student_iters=250, stage2_iters=125, widths=(0.25, 0.5),
