@@ -495,10 +495,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
     if more_stores:
         meta["teachers"] = teachers_meta(cfg, [store, *more_stores])
     train_cfg = train_config(cfg)
-    # Logs before the checkpoint: every log line up to a checkpoint's iteration exists once that checkpoint does.
-    hooks = [MetricsLogHook(cfg.log_every), CheckpointHook(cfg.checkpoint_every), ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
-    if cfg.eval_every and cfg.eval_split:
-        hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
+    hooks = _hooks(cfg, meta)
     # Built once here so a batch composition it refuses is refused before the run folder is touched.
     MixedSampler(len(dataset), n_unl, cfg.batch_size, unlabelled_fraction=cfg.unlabeled_fraction, seed=cfg.seed)
     _warn_before_training(cfg, opened)
@@ -539,10 +536,17 @@ def run_train_student(cfg: StudentConfig) -> dict:
 
             dist.barrier()
             dist.destroy_process_group()
-    summary["model"] = str(cfg.out / "model.pt")
-    summary["world_size"] = world
-    summary["skipped_images"] = [asdict(k) for k in skipped]
-    return summary
+    return summary | {"model": str(cfg.out / "model.pt"), "world_size": world,
+                      "skipped_images": [asdict(k) for k in skipped]}
+
+
+def _hooks(cfg: StudentConfig, meta: dict) -> list:
+    # Logs before the checkpoint: every log line up to a checkpoint's iteration exists once that checkpoint does.
+    hooks = [MetricsLogHook(cfg.log_every), CheckpointHook(cfg.checkpoint_every),
+             ProgressBarHook(enabled=cfg.progress, desc=f"student s{cfg.stage}")]
+    if cfg.eval_every and cfg.eval_split:
+        hooks.append(EvalHook(cfg.eval_every, _recall_eval(cfg, meta)))
+    return hooks
 
 
 def _student_model(cfg: StudentConfig, student: Detector, readers: Sequence[StoreReader]) -> StudentModel:
