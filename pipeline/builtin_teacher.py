@@ -12,7 +12,6 @@ training configuration, as in any teacher run folder) and ``model.pt.sha256``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from mimicdet.data.errors import DataError
 from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES
+from mimicdet.detection.checkpoints import file_sha256
 
 ASSET = Path(__file__).resolve().parent / "builtin_teacher"
 
@@ -68,14 +68,6 @@ class BuiltinTeacher:
 RECIPE = BuiltinTeacher()
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shipped_teacher(asset: Path = ASSET) -> tuple[Path, dict] | None:
     """``(model.pt, run.json contents)`` of the shipped teacher after checking its sha256; None when the
     checkout has none. A file that does not match its recorded sha256 is refused (a damaged or replaced
@@ -87,7 +79,7 @@ def shipped_teacher(asset: Path = ASSET) -> tuple[Path, dict] | None:
         if not path.exists():
             raise DataError(f"{path}: missing beside {model}; rerun `make teacher`")
     want = digest.read_text().split()[0]
-    got = sha256_of(model)
+    got = file_sha256(model)
     if got != want:
         raise DataError(f"{model}: sha256 {got[:16]}... does not match {digest} ({want[:16]}...); the file is damaged "
                         "or was replaced: restore it from the repository or rerun `make teacher`")
@@ -102,7 +94,7 @@ def install(run_dir: Path, asset: Path = ASSET) -> str:
     asset.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "run.json", asset / "run.json")
     shutil.copyfile(model, asset / "model.pt")
-    digest = sha256_of(asset / "model.pt")
+    digest = file_sha256(asset / "model.pt")
     (asset / "model.pt.sha256").write_text(f"{digest}  model.pt\n")
     return digest
 

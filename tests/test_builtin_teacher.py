@@ -12,7 +12,8 @@ import pytest
 from mimicdet.cli import main
 from mimicdet.data import load_dataset
 from mimicdet.data.errors import DataError
-from mimicdet.pipeline.builtin_teacher import ASSET, RECIPE, BuiltinTeacher, install, sha256_of, shipped_teacher
+from mimicdet.detection.checkpoints import file_sha256
+from mimicdet.pipeline.builtin_teacher import ASSET, RECIPE, BuiltinTeacher, install, shipped_teacher
 from mimicdet.pipeline.demo import BUDGETS, Demo, DemoConfig
 from tests.pipeline_fixtures import make_tiny_teacher
 
@@ -28,7 +29,7 @@ def test_install_records_the_sha256_and_a_damaged_teacher_is_refused(tmp_path):
     asset = tmp_path / "asset"
     assert shipped_teacher(asset) is None  # a checkout without one
     digest = install(_teacher_run(tmp_path / "run", "abc"), asset)
-    assert (asset / "model.pt.sha256").read_text().split()[0] == digest == sha256_of(tmp_path / "run" / "model.pt")
+    assert (asset / "model.pt.sha256").read_text().split()[0] == digest == file_sha256(tmp_path / "run" / "model.pt")
     model, run_json = shipped_teacher(asset)
     assert model == asset / "model.pt" and run_json["dataset"]["digest"] == "abc"
     data = bytearray(model.read_bytes())
