@@ -58,18 +58,20 @@ import torchvision
 
 
 from mimicdet.data import load_dataset  # noqa: E402
-from mimicdet.store import inspect_store, open_store  # noqa: E402
+from mimicdet.store import StoreReader, inspect_store, open_store  # noqa: E402
 from mimicdet.data.loader import DetectionImages, IterationSampler, collate, make_loader  # noqa: E402
 from mimicdet.data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E402
 from mimicdet.data.transforms import Preprocess  # noqa: E402
 from mimicdet.detection.detector import Detector, DetectorConfig, build_detector, save_detector  # noqa: E402
 from mimicdet.detection.trainer import Trainer  # noqa: E402
 from mimicdet.pipeline.extract import ExtractConfig, load_teacher, run_extract  # noqa: E402
-from mimicdet.student.mimic import MimicTransform, roi_mimic_loss  # noqa: E402
+from mimicdet.student.mimic import roi_mimic_loss  # noqa: E402
 from mimicdet.detection.environment import cpu_model  # noqa: E402
 from mimicdet.store.training import open_source  # noqa: E402
-from mimicdet.student.stream import MimicBatch, MimicImages, MixedSampler, make_mimic_loader  # noqa: E402
-from mimicdet.student.train import StudentConfig, StudentModel, build_student, run_train_student, train_config  # noqa: E402
+from mimicdet.student.stream import MimicBatch, MimicImages, MixedSampler, pad_maps, make_mimic_loader  # noqa: E402
+from mimicdet.student.train import (  # noqa: E402
+    StudentConfig, StudentModel, build_student, run_train_student, student_model, train_config,
+)
 
 SIZE, BATCH, WIDTH, ROIS, PROPOSALS = 256, 8, 0.25, 64, 300
 TARGETS = {"speedup_min": 5.0, "data_fraction_max": 0.05, "mimic_fraction_max": 0.30}
@@ -104,16 +106,10 @@ def make_teacher(path: Path, data: Path, *, seed: int = 0, calib_batches: int = 
     return path
 
 
-def student_trainer(cfg: StudentConfig, classes: tuple[str, ...], channels: int, stride: int, out: Path) -> Trainer:
-    """The student, ``r`` and optimiser exactly as ``run_train_student`` builds them, in a hook-less Trainer."""
+def student_trainer(cfg: StudentConfig, classes: tuple[str, ...], store: StoreReader, out: Path) -> Trainer:
+    """The student, ``r`` and optimiser as ``run_train_student`` builds them, in a hook-less Trainer."""
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, classes)
-    transform = (
-        MimicTransform(student_channels=student.feature_channels, teacher_channels=channels)
-        if cfg.feature_mimic
-        else None
-    )
-    model = StudentModel(student, transform, cfg, stride)
+    model = student_model(cfg, build_student(cfg, classes), [store])
     trainer = Trainer(
         model=model,
         config=train_config(cfg),
@@ -151,17 +147,12 @@ def online_mimic_batch(batch, outs: list[dict[str, torch.Tensor]], iteration: in
     """A MimicBatch from a live teacher's outputs, laid out as ``collate_mimic`` lays out store records.
     Outputs made under inference_mode are cloned into ordinary tensors so autograd may use them."""
     maps = [o["features"].float() for o in outs]
-    h = max(m.shape[1] for m in maps)
-    w = max(m.shape[2] for m in maps)
-    features = maps[0].new_zeros((len(maps), maps[0].shape[0], h, w))
-    for k, m in enumerate(maps):
-        features[k, :, : m.shape[1], : m.shape[2]] = m
     return MimicBatch(
         batch=batch,
         num_labelled=sum(bool(x) for x in batch.labelled),
         iteration=iteration,
-        teacher_features=features,
-        teacher_hw=[(int(m.shape[1]), int(m.shape[2])) for m in maps],
+        teacher_features=[pad_maps(maps)],
+        teacher_hw=[[(int(m.shape[1]), int(m.shape[2])) for m in maps]],
         teacher_proposals=[o["proposals"].clone() for o in outs],
         teacher_logits=[o["class_logits"].clone() for o in outs],
         teacher_deltas=[o["box_deltas"].clone() for o in outs],
@@ -194,12 +185,10 @@ def offline_run(cfg: StudentConfig, warmup: int) -> dict:
     }
 
 
-def online_run(
-    cfg: StudentConfig, teacher: Detector, dataset, pre: Preprocess, channels: int, stride: int, warmup: int
-) -> dict:
+def online_run(cfg: StudentConfig, teacher: Detector, dataset, pre: Preprocess, store: StoreReader, warmup: int) -> dict:
     """Online distillation: the teacher runs on every batch, then the same student step as offline."""
     t_start = time.perf_counter()
-    trainer = student_trainer(cfg, dataset.classes, channels, stride, cfg.out)
+    trainer = student_trainer(cfg, dataset.classes, store, cfg.out)
     loader = make_loader(
         DetectionImages(dataset, pre, scale=cfg.input_scale),
         IterationSampler(len(dataset), cfg.batch_size, seed=cfg.seed),
@@ -258,8 +247,7 @@ def mimic_share(cfg: StudentConfig, store_url: str, num_batches: int, repeats: i
     batches = [next(loader) for _ in range(num_batches + 1)]  # the first one warms both students up
     work = cfg.out
     trainers = {
-        mode: student_trainer(replace(cfg, mimic=mode, out=work / mode), dataset.classes, manifest.channels,
-                              manifest.stride, work / mode)
+        mode: student_trainer(replace(cfg, mimic=mode, out=work / mode), dataset.classes, store, work / mode)
         for mode in ("roi", "none")
     }
     for t in trainers.values():
@@ -273,17 +261,17 @@ def mimic_share(cfg: StudentConfig, store_url: str, num_batches: int, repeats: i
         leaf = student_map.detach().requires_grad_(True)
         t0 = time.perf_counter()
         rois = roi_model._regions(mb)
-        teacher_map = mb.teacher_features
+        teacher_map = mb.teacher_features[0]
         h, w = min(leaf.shape[-2], teacher_map.shape[-2]), min(leaf.shape[-1], teacher_map.shape[-1])
-        valid = [(min(th, h), min(tw, w)) for th, tw in mb.teacher_hw]
+        valid = [(min(th, h), min(tw, w)) for th, tw in mb.teacher_hw[0]]
         loss = cfg.mimic_weight * roi_mimic_loss(
-            leaf[..., :h, :w], teacher_map[..., :h, :w], rois, roi_model.transform,
+            leaf[..., :h, :w], teacher_map[..., :h, :w], rois, roi_model.transforms[0],
             spatial_scale=1.0 / manifest.stride, sampler=cfg.sampler, valid_hw=valid,
         )
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        roi_model.transform.zero_grad(set_to_none=True)  # run_step zeroes grads before its own backward anyway
+        roi_model.transforms[0].zero_grad(set_to_none=True)  # run_step zeroes grads before its own backward anyway
         return t1 - t0, t2 - t1
 
     raw: dict[str, list[float]] = {"roi_step": [], "none_step": [], "mimic_forward": [], "mimic_backward": []}
@@ -329,7 +317,7 @@ def same_loss_check(cfg: StudentConfig, teacher: Detector, store_url: str) -> di
     with torch.inference_mode():
         outs = teacher.teacher_outputs(batch.images, batch.image_sizes, top_k=PROPOSALS)
     online_mb = online_mimic_batch(batch, outs, 0)
-    model = student_trainer(cfg, dataset.classes, manifest.channels, manifest.stride, cfg.out).model
+    model = student_trainer(cfg, dataset.classes, store, cfg.out).model
     with torch.no_grad():
         off = {k: float(v) for k, v in model(offline_mb).items()}
         on = {k: float(v) for k, v in model(online_mb).items()}
@@ -461,7 +449,7 @@ def report_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 48 images, 6 steps, 2 repeats")
     parser.add_argument("--images", type=int, default=None, help="train images (default 200, quick 48)")
@@ -478,82 +466,91 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distill_throughput.json")
     args = parser.parse_args()
     q = args.quick
-    n_images = args.images or (48 if q else 200)
-    steps = args.steps or (6 if q else 16)
-    repeats = args.repeats or (2 if q else 3)
-    warmup = args.warmup if args.warmup is not None else (1 if q else 2)
-    mimic_batches = args.mimic_batches or (2 if q else 6)
-    if not 0 <= warmup < steps:
-        raise SystemExit(f"--warmup must be in [0, --steps), got {warmup} with --steps {steps}")
+    args.images = args.images or (48 if q else 200)
+    args.steps = args.steps or (6 if q else 16)
+    args.repeats = args.repeats or (2 if q else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
+    args.mimic_batches = args.mimic_batches or (2 if q else 6)
+    if not 0 <= args.warmup < args.steps:
+        raise SystemExit(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    return args
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict:
+    """Extraction once, then offline and online runs alternating, the mimic share and the same-loss check."""
+    data = ensure_dataset(SyntheticConfig(out=work / "data", train=args.images, test=10, size=SIZE, progress=False),
+                          echo=lambda _: None)
+    teacher_path = make_teacher(work / "teacher.pt", data)
+    store = work / "store"
+    ecfg = ExtractConfig(teacher=teacher_path, data=data, out=str(store), proposals=PROPOSALS, batch_size=BATCH,
+                         mode="overwrite", loader_workers=args.workers, progress=False, device="cpu")
+    t0 = time.perf_counter()
+    run_extract(ecfg)
+    extract_wall = time.perf_counter() - t0
+    print(f"extracted {args.images} images in {extract_wall:.1f} s", flush=True)
+    base = StudentConfig(
+        store=str(store), data=data, out=work / "runs", width=WIDTH, stage=1, mimic="roi", sampler="roialign",
+        rois_per_image=ROIS, batch_size=BATCH, iters=args.steps, workers=args.workers, progress=False,
+        checkpoint_every=0, log_every=1, overwrite=True, device="cpu",
+    )
+    # The online arm holds the teacher in memory, as an online distiller must.
+    teacher, meta, _ = load_teacher(teacher_path, torch.device("cpu"))
+    pre = Preprocess.from_dict(meta["preprocess"])
+    reader = open_store(str(store))
+    dataset = load_dataset(data, "train", classes=list(reader.manifest.classes))
+    check = same_loss_check(replace(base, out=work / "check"), teacher, str(store))
+    print(f"same batch, same loss: images {check['same_images']}, max rel. diff {check['max_rel_diff']:.2e}",
+          flush=True)
+    offline, online = [], []
+    for r in range(args.repeats):
+        offline.append(offline_run(replace(base, out=work / f"offline_{r}"), args.warmup))
+        print(f"offline run {r}: {offline[-1]['steady_steps_per_s']:.3f} steps/s", flush=True)
+        online.append(online_run(replace(base, out=work / f"online_{r}"), teacher, dataset, pre, reader, args.warmup))
+        print(f"online run {r}: {online[-1]['steady_steps_per_s']:.3f} steps/s", flush=True)
+    del teacher
+    share = mimic_share(replace(base, out=work / "share"), str(store), args.mimic_batches,
+                        repeats=1 if args.quick else 2)
+    print(f"mimic share: direct {share['fraction_direct']:.3f}, difference {share['fraction_difference']:.3f}",
+          flush=True)
+    return {"base": base, "ecfg": ecfg, "extract_wall": extract_wall, "store_info": inspect_store(str(store)),
+            "offline": offline, "online": online, "share": share, "check": check}
+
+
+def main() -> None:
+    args = _arguments()
     torch.set_num_threads(args.threads)
     t_begin = time.perf_counter()
     load_begin = os.getloadavg()
-
     work = args.work or Path(tempfile.mkdtemp(prefix="distill_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        data = ensure_dataset(SyntheticConfig(out=work / "data", train=n_images, test=10, size=SIZE, progress=False),
-                              echo=lambda _: None)
-        teacher_path = make_teacher(work / "teacher.pt", data)
-        store = work / "store"
-        ecfg = ExtractConfig(teacher=teacher_path, data=data, out=str(store), proposals=PROPOSALS, batch_size=BATCH,
-                             mode="overwrite", loader_workers=args.workers, progress=False, device="cpu")
-        t0 = time.perf_counter()
-        run_extract(ecfg)
-        extract_wall = time.perf_counter() - t0
-        info = inspect_store(str(store))
-        print(f"extracted {n_images} images in {extract_wall:.1f} s", flush=True)
-
-        base = StudentConfig(
-            store=str(store), data=data, out=work / "runs", width=WIDTH, stage=1, mimic="roi", sampler="roialign",
-            rois_per_image=ROIS, batch_size=BATCH, iters=steps, workers=args.workers, progress=False,
-            checkpoint_every=0, log_every=1, overwrite=True, device="cpu",
-        )
-        # The online arm holds the teacher in memory, as an online distiller must.
-        teacher, meta, _ = load_teacher(teacher_path, torch.device("cpu"))
-        pre = Preprocess.from_dict(meta["preprocess"])
-        manifest = open_store(str(store)).manifest
-        dataset = load_dataset(data, "train", classes=list(manifest.classes))
-        check = same_loss_check(replace(base, out=work / "check"), teacher, str(store))
-        print(f"same batch, same loss: images {check['same_images']}, max rel. diff {check['max_rel_diff']:.2e}",
-              flush=True)
-        offline, online = [], []
-        for r in range(repeats):
-            offline.append(offline_run(replace(base, out=work / f"offline_{r}"), warmup))
-            print(f"offline run {r}: {offline[-1]['steady_steps_per_s']:.3f} steps/s", flush=True)
-            online.append(online_run(replace(base, out=work / f"online_{r}"), teacher, dataset, pre,
-                                     manifest.channels, manifest.stride, warmup))
-            print(f"online run {r}: {online[-1]['steady_steps_per_s']:.3f} steps/s", flush=True)
-        del teacher
-        share = mimic_share(replace(base, out=work / "share"), str(store), mimic_batches, repeats=2 if not q else 1)
-        print(f"mimic share: direct {share['fraction_direct']:.3f}, difference {share['fraction_difference']:.3f}",
-              flush=True)
+        m = _measure(args, work)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-
-    summary = summarise(offline, online, share, extract_wall, warmup)
+    summary = summarise(m["offline"], m["online"], m["share"], m["extract_wall"], args.warmup)
+    info = m["store_info"]
     result = {
         "machine": machine_info(args.threads),
         "load_average_1m": {"start": load_begin[0], "end": os.getloadavg()[0]},
         "config": {
-            "quick": q, "images": n_images, "steps": steps, "repeats": repeats, "warmup": warmup,
-            "mimic_batches": mimic_batches, "workers": args.workers, "image_size": SIZE, "teacher_width": 1.0,
-            "teacher_head": "fast-rcnn", "teacher_top_k": PROPOSALS,
-            "student": {k: v for k, v in base.to_dict().items() if k not in ("store", "data", "out")},
-            "extract": {k: v for k, v in asdict(ecfg).items() if k not in ("teacher", "data", "out")},
+            "quick": args.quick, "images": args.images, "steps": args.steps, "repeats": args.repeats,
+            "warmup": args.warmup, "mimic_batches": args.mimic_batches, "workers": args.workers, "image_size": SIZE,
+            "teacher_width": 1.0, "teacher_head": "fast-rcnn", "teacher_top_k": PROPOSALS,
+            "student": {k: v for k, v in m["base"].to_dict().items() if k not in ("store", "data", "out")},
+            "extract": {k: v for k, v in asdict(m["ecfg"]).items() if k not in ("teacher", "data", "out")},
             "order": "offline_0, online_0, offline_1, online_1, ... in one process",
         },
         "targets": TARGETS,
         "summary": summary,
         "extraction": {
-            "images": n_images, "wall_s": extract_wall, "s_per_image": extract_wall / n_images,
+            "images": args.images, "wall_s": m["extract_wall"], "s_per_image": m["extract_wall"] / args.images,
             "bytes_per_image": info["bytes_per_image"], "compression_ratio": info["compression_ratio"],
         },
-        "offline_runs": offline,
-        "online_runs": online,
-        "mimic_share": share,
-        "same_loss_check": check,
+        "offline_runs": m["offline"],
+        "online_runs": m["online"],
+        "mimic_share": m["share"],
+        "same_loss_check": m["check"],
         "total_wall_s": time.perf_counter() - t_begin,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

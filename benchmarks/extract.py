@@ -204,36 +204,51 @@ def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict
     pairs = []
     for rep in range(sizes.pairs):
         order = list(arms) if rep % 2 == 0 else list(arms)[::-1]  # alternate, so load drift hits all alike
-        row: dict = {"load_avg_start": list(os.getloadavg())}
-        for what in order:
-            wall, cpu = timed(arms[what])
-            row[what] = {"s": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
-            if what != "bare":
-                row[what]["forward_s"] = forward["s"]
-                row[what]["forward_share"] = forward["s"] / wall
-        fixed_ext, _ = timed(lambda: extract(one))
-        fixed_bare, _ = timed(lambda: bare(1))
-        row["fixed_s"] = fixed_ext - fixed_bare
-        for arm in ("extract", "extract_overlapped", "extract_writer_thread"):
-            tag = {"extract": "", "extract_overlapped": "overlapped_", "extract_writer_thread": "writer_thread_"}[arm]
-            row[f"{tag}ratio"] = row[arm]["images_per_s"] / row["bare"]["images_per_s"]
-            row[f"{tag}cpu_ratio"] = row["bare"]["cpu_ms_per_image"] / row[arm]["cpu_ms_per_image"]
-        row["steady_ratio"] = (n / max(row["extract"]["s"] - row["fixed_s"], 1e-9)) / row["bare"]["images_per_s"]
-        row["load_avg_1min"] = os.getloadavg()[0]
-        pairs.append(row)
-        print(f"  round {rep}: bare {row['bare']['images_per_s']:.2f} img/s, extract "
-              f"{row['extract']['images_per_s']:.2f} img/s (ratio {row['ratio']:.3f}, cpu {row['cpu_ratio']:.3f}, "
-              f"steady {row['steady_ratio']:.3f}, fixed {row['fixed_s']:.2f} s), overlapped "
-              f"{row['extract_overlapped']['images_per_s']:.2f} img/s (ratio {row['overlapped_ratio']:.3f}), "
-              f"writer thread {row['extract_writer_thread']['images_per_s']:.2f} img/s "
-              f"(ratio {row['writer_thread_ratio']:.3f}), "
-              f"load {row['load_avg_1min']:.1f}", flush=True)
+        pairs.append(_throughput_round(arms, order, forward, fixed=(lambda: extract(one), lambda: bare(1)), n=n))
+        _print_round(rep, pairs[-1])
+    return _throughput_report(pairs, arms, n)
+
+
+_ARM_TAGS = {"extract": "", "extract_overlapped": "overlapped_", "extract_writer_thread": "writer_thread_"}
+
+
+def _throughput_round(arms: dict, order: list[str], forward: dict, *, fixed: tuple, n: int) -> dict:
+    """Every arm once in ``order``; ratios to the bare forward within the round."""
+    row: dict = {"load_avg_start": list(os.getloadavg())}
+    for what in order:
+        wall, cpu = timed(arms[what])
+        row[what] = {"s": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
+        if what != "bare":
+            row[what]["forward_s"] = forward["s"]
+            row[what]["forward_share"] = forward["s"] / wall
+    fixed_ext, _ = timed(fixed[0])
+    fixed_bare, _ = timed(fixed[1])
+    row["fixed_s"] = fixed_ext - fixed_bare
+    for arm, tag in _ARM_TAGS.items():
+        row[f"{tag}ratio"] = row[arm]["images_per_s"] / row["bare"]["images_per_s"]
+        row[f"{tag}cpu_ratio"] = row["bare"]["cpu_ms_per_image"] / row[arm]["cpu_ms_per_image"]
+    row["steady_ratio"] = (n / max(row["extract"]["s"] - row["fixed_s"], 1e-9)) / row["bare"]["images_per_s"]
+    row["load_avg_1min"] = os.getloadavg()[0]
+    return row
+
+
+def _print_round(rep: int, row: dict) -> None:
+    print(f"  round {rep}: bare {row['bare']['images_per_s']:.2f} img/s, extract "
+          f"{row['extract']['images_per_s']:.2f} img/s (ratio {row['ratio']:.3f}, cpu {row['cpu_ratio']:.3f}, "
+          f"steady {row['steady_ratio']:.3f}, fixed {row['fixed_s']:.2f} s), overlapped "
+          f"{row['extract_overlapped']['images_per_s']:.2f} img/s (ratio {row['overlapped_ratio']:.3f}), "
+          f"writer thread {row['extract_writer_thread']['images_per_s']:.2f} img/s "
+          f"(ratio {row['writer_thread_ratio']:.3f}), "
+          f"load {row['load_avg_1min']:.1f}", flush=True)
+
+
+def _throughput_report(pairs: list[dict], arms: dict, n: int) -> dict:
     keys = ["ratio", "cpu_ratio", "overlapped_ratio", "overlapped_cpu_ratio", "writer_thread_ratio",
             "writer_thread_cpu_ratio", "steady_ratio", "fixed_s"]
     med = {f"{arm}_{k}": median(p[arm][k] for p in pairs) for arm in arms for k in ("images_per_s", "cpu_ms_per_image")}
     med |= {f"{arm}_forward_share": median(p[arm]["forward_share"] for p in pairs) for arm in arms if arm != "bare"}
     med |= {k: median(p[k] for p in pairs) for k in keys}
-    out = {
+    return {
         "images": n, "batch_size": BATCH, "shard_size": SHARD, "dtype": "float16", "backend": "zarr",
         "arms": {"bare": "teacher_pass on batches decoded beforehand, in memory",
                  "extract": "run_extract with the CLI defaults (teacher on the CPU: loader_workers 0, writes in line)",
@@ -250,7 +265,6 @@ def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict
                 "writing in line nothing else runs during the forward, so it is the bare-forward ratio free of "
                 "load drift between runs (not so for the overlapped arm, whose workers slow the forward itself).",
     }
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- 2. storage
@@ -408,93 +422,109 @@ def entropy_bits(values: np.ndarray) -> float:
 def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
     from mimicdet.store.training import open_source
     from mimicdet.student.stream import MimicImages, MixedSampler, make_mimic_loader
-    from mimicdet.student.mimic import MimicTransform
-    from mimicdet.student.train import StudentConfig, StudentModel, build_student
+    from mimicdet.student.train import StudentConfig, build_student, student_model
 
     dataset = load_dataset(data, split, classes=list(CLASSES))
     store = open_source(str(store_url), dataset)
     pre = Preprocess.from_dict(dict(store.manifest.preprocess))
     mimic = MimicImages([(dataset, store)], [DetectionImages(dataset, pre)])
 
-    def loader_rate(workers: int) -> float:
-        loader = make_mimic_loader(mimic, MixedSampler(len(dataset), 0, BATCH, unlabelled_fraction=0.0, seed=0),
-                                   num_workers=workers)
-        return steady_rate(loader)
-
-    def steady_rate(loader) -> float:
-        """Images/s over ``sizes.read_batches`` batches after the first (worker start-up is not steady state)."""
-        it = iter(loader)
-        next(it)
-        t = time.perf_counter()
-        for _ in range(sizes.read_batches):
-            next(it)
-        return sizes.read_batches * BATCH / (time.perf_counter() - t)
-
-    class Features(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(store)
-
-        def __getitem__(self, i: int) -> torch.Tensor:
-            return torch.from_numpy(store.read(i).features)
-
-    def store_rate() -> float:
-        # Random order with replacement, one endless pass: workers start once (as the trainer's persistent ones do)
-        sampler = torch.utils.data.RandomSampler(Features(), replacement=True, num_samples=10**9,
-                                                 generator=torch.Generator().manual_seed(0))
-        loader = torch.utils.data.DataLoader(Features(), batch_size=BATCH, sampler=sampler, num_workers=2,
-                                             worker_init_fn=lambda _: torch.set_num_threads(1))
-        return steady_rate(loader)
+    def mimic_loader(workers: int):
+        return make_mimic_loader(mimic, MixedSampler(len(dataset), 0, BATCH, unlabelled_fraction=0.0, seed=0),
+                                 num_workers=workers)
 
     cfg = StudentConfig(store=str(store_url), data=data, out=Path("unused"), split=split, width=0.25, stage=1,
                         mimic="roi", batch_size=BATCH)
     torch.manual_seed(0)
-    student = build_student(cfg, dataset.classes)
-    transform = MimicTransform(student_channels=student.feature_channels, teacher_channels=store.manifest.channels)
-    model = StudentModel(student, transform, cfg, store.manifest.stride).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    it = iter(make_mimic_loader(mimic, MixedSampler(len(dataset), 0, BATCH, unlabelled_fraction=0.0, seed=0),
-                                num_workers=0))
+    model = student_model(cfg, build_student(cfg, dataset.classes), [store]).train()
+    it = iter(mimic_loader(0))
     held = [next(it) for _ in range(2)]
-
-    def student_rate() -> float:
-        def step(mb) -> None:
-            losses = model(mb)
-            opt.zero_grad()
-            sum(losses.values()).backward()
-            opt.step()
-
-        step(held[0])  # warm-up
-        t = time.perf_counter()
-        for k in range(sizes.student_iters):
-            step(held[k % len(held)])
-        return sizes.student_iters * BATCH / (time.perf_counter() - t)
-
-    from mimicdet.store.zarr_backend import ZarrBackend
-
     order = np.random.default_rng(0).integers(0, len(store), 4 * len(store))
-
-    def read_cpu_ms(direct: bool) -> float:
-        """CPU ms per StoreReader.read in random order, in this process: the direct path vs zarr's decoder."""
-        reader = open_store(store_url)
-        if not direct:
-            reader._backend = ZarrBackend(reader._backend.location, reader.manifest, writable=False)
-        reader.read(0)
-        c = time.process_time()
-        for i in order:
-            reader.read(int(i))
-        return 1e3 * (time.process_time() - c) / len(order)
-
     rounds = []
     for _ in range(3):  # back to back, so load drift hits all alike
         row = {"load_avg_1min_start": os.getloadavg()[0]}
-        row |= {"student_images_per_s": student_rate(), "mimic_loader_images_per_s": loader_rate(2),
-                "store_read_images_per_s": store_rate(), "read_cpu_ms_per_image": read_cpu_ms(True),
-                "read_cpu_ms_per_image_zarr_decoder": read_cpu_ms(False)}
+        row |= {"student_images_per_s": _student_rate(model, held, sizes.student_iters),
+                "mimic_loader_images_per_s": _steady_rate(mimic_loader(2), sizes.read_batches),
+                "store_read_images_per_s": _store_rate(store, sizes.read_batches),
+                "read_cpu_ms_per_image": _read_cpu_ms(store_url, order, direct=True),
+                "read_cpu_ms_per_image_zarr_decoder": _read_cpu_ms(store_url, order, direct=False)}
         rounds.append(row)
         print(f"  round: student {row['student_images_per_s']:.1f} img/s, loader {row['mimic_loader_images_per_s']:.1f}"
               f", store read {row['store_read_images_per_s']:.1f}; read CPU {row['read_cpu_ms_per_image']:.2f} ms vs "
               f"{row['read_cpu_ms_per_image_zarr_decoder']:.2f} ms (zarr); load {row['load_avg_1min_start']:.1f}",
               flush=True)
+    return {"store": {"backend": "zarr", "dtype": store.manifest.dtype, "channels": store.manifest.channels,
+                      "max_hw": list(store.manifest.max_hw), "images": len(store)},
+            "loader_workers": 2, "student": {"width": 0.25, "stage": 1, "mimic": "roi", "batch_size": BATCH,
+                                            "side_px": pre.min_size, "step": "StudentModel forward+backward+SGD"},
+            "rounds": rounds, "median": _read_rate_medians(rounds), "target": "loader >= 5x student"}
+
+
+def _steady_rate(loader, batches: int) -> float:
+    """Images/s over ``batches`` batches after the first (worker start-up is not steady state)."""
+    it = iter(loader)
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * BATCH / (time.perf_counter() - t)
+
+
+class _Features(torch.utils.data.Dataset):
+    """The stored feature maps alone, by store index."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.store.read(i).features)
+
+
+def _store_rate(store, batches: int) -> float:
+    # Random order with replacement, one endless pass: workers start once (as the trainer's persistent ones do)
+    features = _Features(store)
+    sampler = torch.utils.data.RandomSampler(features, replacement=True, num_samples=10**9,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(features, batch_size=BATCH, sampler=sampler, num_workers=2,
+                                         worker_init_fn=lambda _: torch.set_num_threads(1))
+    return _steady_rate(loader, batches)
+
+
+def _student_rate(model: torch.nn.Module, held: list, iters: int) -> float:
+    """Images/s of the student's training step (forward, backward, SGD) on batches read beforehand."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+
+    def step(mb) -> None:
+        losses = model(mb)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+
+    step(held[0])  # warm-up
+    t = time.perf_counter()
+    for k in range(iters):
+        step(held[k % len(held)])
+    return iters * BATCH / (time.perf_counter() - t)
+
+
+def _read_cpu_ms(store_url: Path, order: np.ndarray, *, direct: bool) -> float:
+    """CPU ms per StoreReader.read in random order, in this process: the direct path vs zarr's decoder."""
+    from mimicdet.store.zarr_backend import ZarrBackend
+
+    reader = open_store(store_url)
+    if not direct:
+        reader._backend = ZarrBackend(reader._backend.location, reader.manifest, writable=False)
+    reader.read(0)
+    c = time.process_time()
+    for i in order:
+        reader.read(int(i))
+    return 1e3 * (time.process_time() - c) / len(order)
+
+
+def _read_rate_medians(rounds: list[dict]) -> dict:
     med = {k: median(r[k] for r in rounds) for k in rounds[0]}
     med["mimic_loader_over_student_per_round"] = median(
         r["mimic_loader_images_per_s"] / r["student_images_per_s"] for r in rounds)
@@ -504,11 +534,7 @@ def read_rate(data: Path, store_url: Path, split: str, sizes: Sizes) -> dict:
     print(f"  student {med['student_images_per_s']:.1f} img/s; mimic loader {med['mimic_loader_images_per_s']:.1f} "
           f"img/s ({med['mimic_loader_over_student']:.1f}x); store read {med['store_read_images_per_s']:.1f} img/s "
           f"({med['store_read_over_student']:.1f}x)", flush=True)
-    return {"store": {"backend": "zarr", "dtype": store.manifest.dtype, "channels": store.manifest.channels,
-                      "max_hw": list(store.manifest.max_hw), "images": len(store)},
-            "loader_workers": 2, "student": {"width": 0.25, "stage": 1, "mimic": "roi", "batch_size": BATCH,
-                                            "side_px": pre.min_size, "step": "StudentModel forward+backward+SGD"},
-            "rounds": rounds, "median": med, "target": "loader >= 5x student"}
+    return med
 
 
 # ---------------------------------------------------------------------------------------------- 4. memory

@@ -122,6 +122,55 @@ def backbone_step() -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
     return (lambda: backbone(images).square().mean()), list(backbone.parameters())
 
 
+def config_entry(name: str, h: int, w: int, repeats: int) -> dict:
+    """Every loss form on one map size, interleaved; the fast path's speed-up and (256x256) its share of a
+    w=1/4 backbone training step."""
+    student, teacher, rois, transform = inputs(h, w)
+    forms = loss_forms(student, teacher, rois, transform)
+    params = [student, *transform.parameters()]
+    if name == "256x256":
+        step, step_params = backbone_step()
+        forms["yardstick/backbone_w0.25_step"] = step
+        params += step_params
+    stats = interleaved(forms, params, repeats)
+    for sampler in ("roialign", "native"):
+        ref = stats[f"{sampler}/reference"]["loss"]
+        for k, v in stats.items():
+            if k.startswith(sampler + "/"):
+                v["rel_diff_vs_reference"] = abs(v["loss"] - ref) / abs(ref)
+    uses_kernel = mimic._use_kernel(h, w, REGIONS, 49, CS)
+    entry = {
+        "map_hw": [h, w],
+        "repeats": repeats,
+        "fast_path": {"roialign": "kernel" if uses_kernel else "pool_then_transform", "native": "fast"},
+        "forms": stats,
+    }
+    fast = {
+        "roialign": stats["roialign/kernel" if uses_kernel else "roialign/pool_then_transform"]["median_ms"],
+        "native": stats["native/fast"]["median_ms"],
+    }
+    entry["speedup_vs_reference"] = {
+        s: round(stats[f"{s}/reference"]["median_ms"] / fast[s], 1) for s in ("roialign", "native")
+    }
+    if "yardstick/backbone_w0.25_step" in stats:
+        step_ms = stats["yardstick/backbone_w0.25_step"]["median_ms"]
+        entry["fraction_of_backbone_step"] = {
+            "roialign/fast": round(fast["roialign"] / step_ms, 3),
+            "native/fast": round(fast["native"] / step_ms, 3),
+            "roialign/reference": round(stats["roialign/reference"]["median_ms"] / step_ms, 3),
+        }
+    return entry
+
+
+def crossover(h: int, w: int, kernel_ms: float, pool_ms: float) -> dict:
+    return {
+        "kernel_ms": kernel_ms,
+        "pool_then_transform_ms": pool_ms,
+        "hw2_over_regions_bins_cs": round((h * w) ** 2 / (REGIONS * 49 * CS), 3),
+        "rule_picks": "kernel" if mimic._use_kernel(h, w, REGIONS, 49, CS) else "pool_then_transform",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats for the 256x256 maps")
@@ -148,64 +197,20 @@ def main() -> None:
         "crossover": {},
     }
     for name, (h, w) in CONFIGS.items():
-        student, teacher, rois, transform = inputs(h, w)
-        forms = loss_forms(student, teacher, rois, transform)
-        params = [student, *transform.parameters()]
-        repeats = args.repeats if name == "256x256" else args.large_repeats
-        if name == "256x256":
-            step, step_params = backbone_step()
-            forms["yardstick/backbone_w0.25_step"] = step
-            params += step_params
-        stats = interleaved(forms, params, repeats)
-        for sampler in ("roialign", "native"):
-            ref = stats[f"{sampler}/reference"]["loss"]
-            for k, v in stats.items():
-                if k.startswith(sampler + "/"):
-                    v["rel_diff_vs_reference"] = abs(v["loss"] - ref) / abs(ref)
-        uses_kernel = mimic._use_kernel(h, w, REGIONS, 49, CS)
-        entry = {
-            "map_hw": [h, w],
-            "repeats": repeats,
-            "fast_path": {"roialign": "kernel" if uses_kernel else "pool_then_transform", "native": "fast"},
-            "forms": stats,
-        }
-        fast = {
-            "roialign": stats["roialign/kernel" if uses_kernel else "roialign/pool_then_transform"]["median_ms"],
-            "native": stats["native/fast"]["median_ms"],
-        }
-        entry["speedup_vs_reference"] = {
-            s: round(stats[f"{s}/reference"]["median_ms"] / fast[s], 1) for s in ("roialign", "native")
-        }
-        if "yardstick/backbone_w0.25_step" in stats:
-            step_ms = stats["yardstick/backbone_w0.25_step"]["median_ms"]
-            entry["fraction_of_backbone_step"] = {
-                "roialign/fast": round(fast["roialign"] / step_ms, 3),
-                "native/fast": round(fast["native"] / step_ms, 3),
-                "roialign/reference": round(stats["roialign/reference"]["median_ms"] / step_ms, 3),
-            }
+        entry = config_entry(name, h, w, args.repeats if name == "256x256" else args.large_repeats)
         result["configs"][name] = entry
-        medians = {k: v["median_ms"] for k, v in stats.items()}
+        medians = {k: v["median_ms"] for k, v in entry["forms"].items()}
         print(name, json.dumps(medians), entry.get("fraction_of_backbone_step", ""))
-
-    for name, entry in result["configs"].items():
-        h, w = entry["map_hw"]
-        result["crossover"][f"{h}x{w}"] = {
-            "kernel_ms": entry["forms"]["roialign/kernel"]["median_ms"],
-            "pool_then_transform_ms": entry["forms"]["roialign/pool_then_transform"]["median_ms"],
-            "hw2_over_regions_bins_cs": round((h * w) ** 2 / (REGIONS * 49 * CS), 3),
-            "rule_picks": entry["fast_path"]["roialign"],
-        }
+        forms = entry["forms"]
+        result["crossover"][f"{h}x{w}"] = crossover(h, w, forms["roialign/kernel"]["median_ms"],
+                                                   forms["roialign/pool_then_transform"]["median_ms"])
     for h, w in CROSSOVER_MAPS:
         student, teacher, rois, transform = inputs(h, w, seed=1)
         forms = loss_forms(student, teacher, rois, transform)
         pair = {k: forms[k] for k in ("roialign/kernel", "roialign/pool_then_transform")}
         stats = interleaved(pair, [student, *transform.parameters()], args.large_repeats)
-        result["crossover"][f"{h}x{w}"] = {
-            "kernel_ms": stats["roialign/kernel"]["median_ms"],
-            "pool_then_transform_ms": stats["roialign/pool_then_transform"]["median_ms"],
-            "hw2_over_regions_bins_cs": round((h * w) ** 2 / (REGIONS * 49 * CS), 3),
-            "rule_picks": "kernel" if mimic._use_kernel(h, w, REGIONS, 49, CS) else "pool_then_transform",
-        }
+        result["crossover"][f"{h}x{w}"] = crossover(h, w, stats["roialign/kernel"]["median_ms"],
+                                                   stats["roialign/pool_then_transform"]["median_ms"])
         print(f"crossover {h}x{w}", result["crossover"][f"{h}x{w}"])
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

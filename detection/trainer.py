@@ -16,7 +16,6 @@ import bisect
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,22 +28,7 @@ from torch import nn
 from mimicdet.data.errors import DataError
 from mimicdet.data.paths import atomic_path
 from mimicdet.detection.device import amp_enabled, select_device
-
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-EVAL_NAME = "eval.jsonl"
-TENSORBOARD_NAME = "tensorboard"
-
-RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, EVAL_NAME, "model.pt")
-
-
-def clear_run_files(out: Path, names: Sequence[str] = ()) -> None:
-    """Removes what a training run writes in ``out`` (RUN_FILES, TensorBoard logs and ``names``), never anything
-    else the folder may hold: ``--overwrite`` replaces a run, not a folder."""
-    for name in (*RUN_FILES, *names):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / TENSORBOARD_NAME, ignore_errors=True)
-
+from mimicdet.detection.run_folder import CHECKPOINT_NAME, EVAL_NAME, METRICS_NAME, TENSORBOARD_NAME
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 BatchSource = Callable[[int], Iterator[Any]]

@@ -12,7 +12,6 @@ CPU cores; ``DEFAULT_ITERS`` follows from the measured seconds per iteration (se
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -20,24 +19,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from mimicdet.data.errors import DataError
-from mimicdet.data.paths import check_output_apart, write_json
+from mimicdet.data.paths import check_output_apart
 from mimicdet.data.records import Dataset
 from mimicdet.detection.anchors import ANCHOR_PRESETS
-from mimicdet.detection.trainer import (
-    CHECKPOINT_NAME,
-    Hook,
-    OptimConfig,
-    TrainConfig,
-    Trainer,
-    clear_run_files,
-    default_hooks,
-)
+from mimicdet.detection.run_folder import MODEL_NAME, claim_run_folder
+from mimicdet.detection.trainer import Hook, OptimConfig, TrainConfig, Trainer, default_hooks
 
 if TYPE_CHECKING:  # torchvision-heavy modules are imported when a run starts, not at CLI start-up
     from mimicdet.data.transforms import Preprocess
     from mimicdet.detection.detector import DetectorConfig
 
-MODEL_NAME = "model.pt"
 RUN_NAME = "run.json"
 HEADS = ("fast-rcnn", "rfcn")
 
@@ -144,34 +135,6 @@ def run_identity(*, dataset: Dataset, preprocess: dict, detector: dict, train: T
     }
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new)):
-            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def _claim_run(out: Path, identity: dict, overwrite: bool) -> None:
-    """Refuses a RUN folder that holds a different run; writes ``run.json`` for a new one."""
-    run_file = out / RUN_NAME
-    if overwrite:
-        clear_run_files(out, [RUN_NAME])
-    elif run_file.exists():
-        old = json.loads(run_file.read_text())
-        diffs = _differences(old, identity)
-        if diffs:
-            raise FileExistsError(
-                f"{out} holds a run with another configuration ({'; '.join(diffs[:4])}"
-                f"{' ...' if len(diffs) > 4 else ''}); pass --overwrite to replace it or choose another --out"
-            )
-        return
-    elif (out / CHECKPOINT_NAME).exists() or (out / MODEL_NAME).exists():
-        raise FileExistsError(f"{out} holds a checkpoint but no {RUN_NAME}; pass --overwrite to replace it")
-    write_json(run_file, identity)
-
-
 def _datasets(config: TeacherConfig) -> tuple[Dataset, Dataset | None]:
     """The labelled training split, and the held-out split when periodic evaluation is on."""
     from mimicdet.data import load_dataset
@@ -221,7 +184,7 @@ def train_teacher(config: TeacherConfig, *, hooks: Sequence[Hook] = ()) -> dict:
                             train=train_config, flip=config.flip, init_from=config.init_from)
     out = Path(config.out)
     check_output_apart("--out", out, {"--data": config.data, "--init-from": config.init_from})
-    _claim_run(out, identity, config.overwrite)
+    claim_run_folder(out, RUN_NAME, identity, overwrite=config.overwrite)
 
     torch.manual_seed(config.seed)  # deterministic initial weights
     model = build_detector(det_config)

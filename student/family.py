@@ -25,11 +25,15 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from mimicdet.data.paths import write_json
 from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS
+from mimicdet.detection.run_folder import claim_run_folder
 from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT, stage2_iters
+
+if TYPE_CHECKING:
+    from mimicdet.student.train import StudentConfig
 
 STAGE_METRIC = {1: "recall@300_iou0.7", 2: "mAP@0.5_11pt"}
 METRIC_LABEL = {"recall@300_iou0.7": "recall@0.7 (300 proposals)", "mAP@0.5_11pt": "mAP@0.5"}
@@ -140,36 +144,30 @@ class FamilyConfig:
 
 def _check_run_folder(cfg: FamilyConfig) -> None:
     """A run folder holds one family recipe; widths, stage, teacher and evaluation may change between runs."""
-    path = cfg.out / "family_config.json"
-    mine = cfg.to_dict()
-    if path.exists():
-        theirs = json.loads(path.read_text())
-        diff = sorted(k for k in TRAINING_KEYS if mine.get(k) != theirs.get(k))
-        if diff:
-            raise FileExistsError(
-                f"{cfg.out}: holds a family trained with other settings ({', '.join(diff)}: "
-                f"{', '.join(f'{theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff)}); use another --out"
-            )
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, mine)
+    identity = cfg.to_dict()
+    claim_run_folder(cfg.out, "family_config.json", identity, ignore=set(identity) - set(TRAINING_KEYS),
+                     what="a family", advice="use another --out")
 
 
-def _student_config(cfg: FamilyConfig, width: float, stage: int, progress: bool):
+def _student_config(cfg: FamilyConfig, width: float, progress: bool) -> StudentConfig:
+    """Stage 1 of the ``width`` member (its stage 2 follows with :meth:`StudentConfig.stage2`)."""
     from mimicdet.student.train import StudentConfig
 
-    folder = cfg.out / width_tag(width)
-    common = dict(
-        store=cfg.store, data=Path(cfg.data), split=cfg.split, width=width, mimic=cfg.mimic, head=cfg.head,
-        batch_size=cfg.batch_size, lr=cfg.lr, mimic_weight=cfg.mimic_weight, rois_per_image=cfg.rois_per_image,
-        anchor_sizes=tuple(cfg.anchor_sizes), aspect_ratios=tuple(cfg.aspect_ratios), seed=cfg.seed,
-        device=cfg.device, workers=cfg.workers, progress=progress, storage_options=dict(cfg.storage_options),
-    )
-    if stage == 1:
-        return StudentConfig(out=folder / "stage1", stage=1, iters=cfg.iters, **common)
     return StudentConfig(
-        out=folder / "stage2", stage=2, init=folder / "stage1" / "model.pt", iters=cfg.second_iters,
-        logits_weight=0.0 if cfg.mimic == "none" else cfg.logits_weight, **common,
+        store=cfg.store, data=Path(cfg.data), out=cfg.out / width_tag(width) / "stage1", split=cfg.split,
+        width=width, stage=1, iters=cfg.iters, mimic=cfg.mimic, head=cfg.head, batch_size=cfg.batch_size, lr=cfg.lr,
+        mimic_weight=cfg.mimic_weight, rois_per_image=cfg.rois_per_image, anchor_sizes=tuple(cfg.anchor_sizes),
+        aspect_ratios=tuple(cfg.aspect_ratios), seed=cfg.seed, device=cfg.device, workers=cfg.workers,
+        progress=progress, storage_options=dict(cfg.storage_options),
     )
+
+
+def _stages(cfg: FamilyConfig, width: float, progress: bool) -> list[StudentConfig]:
+    first = _student_config(cfg, width, progress)
+    if cfg.stage == 1:
+        return [first]
+    logits = 0.0 if cfg.mimic == "none" else cfg.logits_weight
+    return [first, first.stage2(first.out.parent / "stage2", iters=cfg.second_iters, logits_weight=logits)]
 
 
 def train_members(cfg: FamilyConfig, echo: Callable[[str], None] = print) -> dict[float, dict]:
@@ -180,9 +178,8 @@ def train_members(cfg: FamilyConfig, echo: Callable[[str], None] = print) -> dic
     members = {}
     for width in cfg.widths:
         trained = "earlier"
-        for stage in range(1, cfg.stage + 1):
-            scfg = _student_config(cfg, width, stage, progress)
-            name = f"{width_tag(width)} stage {stage}"
+        for scfg in _stages(cfg, width, progress):
+            name = f"{width_tag(width)} stage {scfg.stage}"
             if (scfg.out / "model.pt").exists():
                 echo(f"[family] {name}: done earlier ({scfg.out / 'model.pt'})")
                 continue

@@ -10,11 +10,9 @@ pixels (best first), class logits ``[k, Kc]``, box deltas ``[k, 4Kc]``.
 
 A batch (:class:`MimicBatch`) holds labelled images first, then unlabelled ones (mimic only).
 
-Several teachers: ``MimicImages(..., more_teachers=[t_2, ...])`` also reads, for every image, the feature map of
-each further teacher (same images, same preprocessing; proposals and head outputs come from the first, primary,
-store only), batched as ``MimicBatch.more_teacher_features[k]`` ``float32[N, Ct_k, Hf, Wf]``. A further teacher
-``t_k`` is one store per source (its records of the labelled images, of the unlabelled ones), or one store that
-holds the images of every source.
+Several teachers: each source names one store per teacher (same images, same preprocessing), the primary
+first; every teacher's feature map is read for every image, batched as ``MimicBatch.teacher_features[k]``
+``float32[N, Ct_k, Hf, Wf]``. Proposals and head outputs come from the primary store only.
 
 Damaged data stops training with a StoreError (or DataError for an unreadable image) naming the store, shard and
 image, raised in the training process even when DataLoader workers hit it. :func:`mimicdet.store.training.check_source` runs before
@@ -26,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -43,47 +41,22 @@ MixedKey = tuple[int, int, bool, int]
 
 
 class MimicImages(torch.utils.data.Dataset):
-    """One or two (dataset, store) sources; ``__getitem__((source, index, flip, iteration))``.
-
-    ``more_teachers``: one entry per further teacher, its store for each source (or one store for every source);
-    their feature maps are read alongside the source's record (``item["more_teachers"]``, one
-    ``float32[Ct_k, h, w]`` per further teacher)."""
+    """One or two sources (labelled, unlabelled), each a dataset and its teachers' stores (one store, or one per
+    teacher with the primary first); ``__getitem__((source, index, flip, iteration))``."""
 
     def __init__(
         self,
-        sources: list[tuple[Dataset, StoreReader]],
+        sources: list[tuple[Dataset, StoreReader | Sequence[StoreReader]]],
         images: list[DetectionImages],
-        *,
-        more_teachers: Sequence[StoreReader | Sequence[StoreReader]] = (),
     ):
-        self.sources = sources
+        self.sources = [(ds, [stores] if isinstance(stores, StoreReader) else list(stores)) for ds, stores in sources]
         self.images = images
-        # per further teacher, per source: its store.
-        self.more_teachers = [
-            [t] * len(sources) if isinstance(t, StoreReader) else list(t) for t in more_teachers
-        ]
-        for k, stores in enumerate(self.more_teachers):
-            if len(stores) != len(sources):
-                raise ValueError(
-                    f"more_teachers[{k}]: {len(stores)} stores for {len(sources)} sources; give one per source"
-                )
-        # dataset index -> store index, per source (stores are addressed by image id, not position).
-        self._store_index = [
-            np.array([store.index_of(r.image_id) for r in ds.records], np.int64) for ds, store in sources
-        ]
-        # per further teacher, per source: dataset index -> index in that teacher's store.
-        self._more_index = []
-        for stores in self.more_teachers:
-            per_source = []
-            for (ds, _), store in zip(sources, stores):
-                missing = [r.image_id for r in ds.records if r.image_id not in store]
-                if missing:
-                    raise StoreError(
-                        f"{store.url}: store has no record for {len(missing)} of {len(ds)} images of "
-                        f"{ds.name}/{ds.split} (first: {missing[0]!r}); every teacher must cover the same images"
-                    )
-                per_source.append(np.array([store.index_of(r.image_id) for r in ds.records], np.int64))
-            self._more_index.append(per_source)
+        counts = {len(stores) for _, stores in self.sources}
+        if len(counts) != 1 or not counts.pop():
+            raise ValueError(f"every source needs one store per teacher; got {[len(s) for _, s in self.sources]}")
+        # per source, per teacher: dataset index -> index in that teacher's store (stores are addressed by image
+        # id, not position).
+        self._store_index = [[_index_in(store, ds) for store in stores] for ds, stores in self.sources]
 
     def __len__(self) -> int:
         return sum(len(ds) for ds, _ in self.sources)
@@ -92,24 +65,32 @@ class MimicImages(torch.utils.data.Dataset):
         source, index, flip, iteration = key
         item = self.images[source][(index, flip)]
         item["iteration"] = iteration
-        _, store = self.sources[source]
-        rec = _read_checked(store, int(self._store_index[source][index]), flip)
+        (primary, *more), (first, *more_index) = self.sources[source][1], self._store_index[source]
+        rec = _read_checked(primary, int(first[index]), flip)
+        features = [rec.features] + [
+            _read_checked(store, int(idx[index]), flip, names=("features",)).features
+            for store, idx in zip(more, more_index)
+        ]
         item["teacher"] = {
-            "features": torch.from_numpy(rec.features),
+            "features": [torch.from_numpy(f) for f in features],
             "proposals": torch.from_numpy(rec.proposals),
             "class_logits": torch.from_numpy(rec.class_logits),
             "box_deltas": torch.from_numpy(rec.box_deltas),
         }
-        if self.more_teachers:
-            item["more_teachers"] = [
-                torch.from_numpy(
-                    _read_checked(more[source], int(idx[source][index]), flip, names=("features",)).features
-                )
-                for more, idx in zip(self.more_teachers, self._more_index)
-            ]
         if source == 1:
             item["labelled"] = False
         return item
+
+
+def _index_in(store: StoreReader, dataset: Dataset) -> np.ndarray:
+    """``int64[len(dataset)]``: where each image's record lies in ``store``; StoreError for a missing one."""
+    missing = [r.image_id for r in dataset.records if r.image_id not in store]
+    if missing:
+        raise StoreError(
+            f"{store.url}: store has no record for {len(missing)} of {len(dataset)} images of "
+            f"{dataset.name}/{dataset.split} (first: {missing[0]!r}); every teacher must cover the same images"
+        )
+    return np.array([store.index_of(r.image_id) for r in dataset.records], np.int64)
 
 
 _RECORD_ARRAYS = ("features", "proposals", "class_logits", "box_deltas")
@@ -140,15 +121,12 @@ class MimicBatch:
     batch: Batch  # the student's images and targets (labelled first)
     num_labelled: int
     iteration: int  # the training iteration this batch was drawn for
-    teacher_features: torch.Tensor  # float32[N, Ct, Hf, Wf], zero-padded
-    teacher_hw: list[tuple[int, int]]  # valid (h, w) of each teacher map
-    teacher_proposals: list[torch.Tensor]  # [k_i, 4] teacher-input pixels
+    # Per teacher (the primary first): float32[N, Ct_k, Hf_k, Wf_k], zero-padded, and each image's valid (h, w).
+    teacher_features: list[torch.Tensor]
+    teacher_hw: list[list[tuple[int, int]]]
+    teacher_proposals: list[torch.Tensor]  # the primary's, per image: [k_i, 4] teacher-input pixels
     teacher_logits: list[torch.Tensor]  # [k_i, Kc]
     teacher_deltas: list[torch.Tensor]  # [k_i, 4Kc]
-    # Further teachers (several-teacher mimic), one entry per store: float32[N, Ct_k, Hf_k, Wf_k], zero-padded,
-    # and the valid (h, w) of each image's map.
-    more_teacher_features: list[torch.Tensor] = field(default_factory=list)
-    more_teacher_hw: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -158,35 +136,30 @@ class MimicBatch:
         return replace(
             self,
             batch=self.batch.to(device),
-            teacher_features=self.teacher_features.to(device, non_blocking=True),
+            teacher_features=move(self.teacher_features),
             teacher_proposals=move(self.teacher_proposals),
             teacher_logits=move(self.teacher_logits),
             teacher_deltas=move(self.teacher_deltas),
-            more_teacher_features=move(self.more_teacher_features),
         )
 
 
 def collate_mimic(items: list[dict], *, size_divisor: int) -> MimicBatch:
     items = sorted(items, key=lambda it: not it["labelled"])  # stable: labelled first, order kept
     batch = collate(items, size_divisor=size_divisor)
-    maps = [it["teacher"]["features"] for it in items]
-    features = _pad_maps(maps)
-    more = [[it["more_teachers"][k] for it in items] for k in range(len(items[0].get("more_teachers", ())))]
+    per_teacher = [[it["teacher"]["features"][k] for it in items] for k in range(len(items[0]["teacher"]["features"]))]
     return MimicBatch(
         batch=batch,
         num_labelled=sum(bool(it["labelled"]) for it in items),
         iteration=int(items[0]["iteration"]),
-        teacher_features=features,
-        teacher_hw=[(int(m.shape[1]), int(m.shape[2])) for m in maps],
+        teacher_features=[pad_maps(maps) for maps in per_teacher],
+        teacher_hw=[[(int(m.shape[1]), int(m.shape[2])) for m in maps] for maps in per_teacher],
         teacher_proposals=[it["teacher"]["proposals"] for it in items],
         teacher_logits=[it["teacher"]["class_logits"] for it in items],
         teacher_deltas=[it["teacher"]["box_deltas"] for it in items],
-        more_teacher_features=[_pad_maps(ms) for ms in more],
-        more_teacher_hw=[[(int(m.shape[1]), int(m.shape[2])) for m in ms] for ms in more],
     )
 
 
-def _pad_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+def pad_maps(maps: list[torch.Tensor]) -> torch.Tensor:
     """``[C, h_i, w_i]`` maps -> ``[N, C, max h, max w]``, zero-padded."""
     h = max(m.shape[1] for m in maps)
     w = max(m.shape[2] for m in maps)

@@ -34,18 +34,20 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mimicdet.data import load_dataset
 from mimicdet.data.loader import DetectionImages, mix_seeds
-from mimicdet.data.paths import check_output_apart, write_json
+from mimicdet.data.paths import check_output_apart
 from mimicdet.data.records import Dataset
 from mimicdet.data.summary import small_object_warning
 from mimicdet.data.transforms import Preprocess
 from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS
 from mimicdet.detection.checkpoints import file_sha256
+from mimicdet.detection.run_folder import claim_run_folder
 from mimicdet.detection.detector import (
     Detector,
     DetectorConfig,
@@ -61,10 +63,9 @@ from mimicdet.detection.trainer import (
     ProgressBarHook,
     TrainConfig,
     Trainer,
-    clear_run_files,
 )
 from mimicdet.store import StoreReader, open_store
-from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT
+from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT, stage2_iters
 from mimicdet.store.training import TrainingStores, open_for_training, store_classes
 from mimicdet.student.mimic import (
     MimicTransform,
@@ -267,6 +268,16 @@ class StudentConfig:
     def feature_mimic(self) -> bool:
         return self.mimic in ("roi", "map")
 
+    def stage2(self, out: Path, *, iters: int | None = None, **changes: Any) -> "StudentConfig":
+        """The stage-2 run that follows this stage-1 one in ``out``: the full detector from its ``model.pt``, half
+        its iterations unless ``iters`` says otherwise, the logits weight of the stage-2 recipe (unless
+        ``changes`` sets one) and no periodic recall curve; ``changes`` set any other field."""
+        if self.stage != 1:
+            raise ValueError(f"stage2() follows a stage-1 run; {self.out} is stage {self.stage}")
+        follow = dict(out=Path(out), stage=2, init=Path(self.out) / "model.pt", logits_weight=None, eval_every=0,
+                      eval_split=None, iters=stage2_iters(self.iters) if iters is None else iters)
+        return replace(self, **(follow | changes))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["teacher_weights"] is None:  # the default; left out so one-teacher configs read as they always have
@@ -277,17 +288,15 @@ class StudentConfig:
 
 
 class StudentModel(nn.Module):
-    """The student detector plus the training-only transform layer ``r`` (and ``r_k`` per further teacher,
-    ``more_transforms``). ``forward(batch)`` returns the named losses, so DistributedDataParallel can wrap the
-    whole step."""
+    """The student detector plus the training-only transform layer ``r_k`` of each teacher (the primary first;
+    none without feature mimic). ``forward(batch)`` returns the named losses, so DistributedDataParallel can wrap
+    the whole step."""
 
-    def __init__(self, detector: Detector, transform: nn.Module | None, config: StudentConfig, teacher_stride: int,
-                 more_transforms: Sequence[nn.Module] = ()):
+    def __init__(self, detector: Detector, transforms: Sequence[nn.Module], config: StudentConfig,
+                 teacher_stride: int):
         super().__init__()
         self.detector = detector
-        self.transform = transform
-        # Empty for one teacher, so its state_dict (and checkpoints) keep their keys.
-        self.more_transforms = nn.ModuleList(more_transforms)
+        self.transforms = nn.ModuleList(transforms)
         self.cfg = config
         self.teacher_stride = teacher_stride
         # Per teacher: (mean, std) per channel for --mimic-norm channel (recomputed from the store each run).
@@ -309,8 +318,7 @@ class StudentModel(nn.Module):
         if cfg.feature_mimic or self.cfg.logits_weight > 0:
             rois = self._regions(mb)
         if cfg.feature_mimic:
-            teachers = [(mb.teacher_features, mb.teacher_hw, self.transform)]
-            teachers += zip(mb.more_teacher_features, mb.more_teacher_hw, self.more_transforms)
+            teachers = zip(mb.teacher_features, mb.teacher_hw, self.transforms, strict=True)
             for k, (teacher_map, teacher_hw, transform) in enumerate(teachers):
                 if self.teacher_stats:
                     mean, std = (t.to(teacher_map.device)[:, None, None] for t in self.teacher_stats[k])
@@ -401,9 +409,8 @@ def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
 # are compared through the content digests of ``input_digests``; the others must be equal to resume.
 LOCATION_KEYS = ("store", "unlabeled", "data", "unlabeled_data", "init", "out", "storage_options")
 # May change between calls of one run (skip_corrupt: a run stopped by a damaged image resumes with it).
-# gt_rois: recorded by older versions, never read by training.
 FREE_KEYS = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every", "eval_every",
-             "eval_max_images", "skip_corrupt", "gt_rois")
+             "eval_max_images", "skip_corrupt")
 
 
 def input_digests(cfg: StudentConfig) -> dict:
@@ -424,22 +431,8 @@ def check_out_dir(cfg: StudentConfig) -> None:
     inputs = {"--data": cfg.data, "--init": cfg.init, "--unlabeled-data": cfg.unlabeled_data}
     inputs |= {f"--store {url}": url for url in cfg.stores} | {f"--unlabeled {url}": url for url in cfg.unlabeled_stores}
     check_output_apart("--out", cfg.out, inputs)
-    cfg_path = cfg.out / CONFIG_NAME
-    mine = cfg.to_dict() | {"inputs": input_digests(cfg)}
-    if cfg_path.exists():
-        if cfg.overwrite:
-            clear_run_files(cfg.out, [CONFIG_NAME])
-        else:
-            theirs = json.loads(cfg_path.read_text())
-            # A folder from before input digests was keyed by the inputs' locations.
-            skip = FREE_KEYS + (LOCATION_KEYS if "inputs" in theirs else ("inputs",))
-            diff = {k for k in set(mine) | set(theirs) if k not in skip and mine.get(k) != theirs.get(k)}
-            if diff:
-                raise FileExistsError(
-                    f"{cfg.out}: holds a run with a different configuration ({', '.join(sorted(diff))}); "
-                    "use --overwrite or another --out"
-                )
-    write_json(cfg_path, mine, indent=1)
+    identity = cfg.to_dict() | {"inputs": input_digests(cfg)}
+    claim_run_folder(cfg.out, CONFIG_NAME, identity, ignore=FREE_KEYS + LOCATION_KEYS, overwrite=cfg.overwrite)
 
 
 def train_config(cfg: StudentConfig) -> TrainConfig:
@@ -476,31 +469,27 @@ def run_train_student(cfg: StudentConfig) -> dict:
         input_scale=cfg.input_scale, scale_mimic=cfg.scale_mimic, storage_options=cfg.storage_options,
     )
     dataset, unl, flip, skipped = opened.labelled, opened.unlabelled, opened.flip, list(opened.skipped)
-    store, more_stores = opened.readers[0], list(opened.readers[1:])
     manifest, pre = opened.manifest, opened.preprocess
-    sources = [(dataset, store)]
+    sources = [(dataset, opened.readers)]
     images = [DetectionImages(dataset, pre, scale=cfg.input_scale)]
-    more_teachers = [[m] for m in more_stores]  # per further teacher, its store per source
     n_unl = 0
     if unl is not None:
-        sources.append((unl, opened.unlabelled_readers[0]))
+        sources.append((unl, opened.unlabelled_readers))
         images.append(DetectionImages(unl, pre, scale=cfg.input_scale))
-        for per_source, unl_store in zip(more_teachers, opened.unlabelled_readers[1:]):
-            per_source.append(unl_store)
         n_unl = len(unl)
 
-    model = _student_model(cfg, student, opened.readers)
+    model = student_model(cfg, student, opened.readers)
 
     meta = _student_meta(cfg, dataset, manifest, pre)
-    if more_stores:
-        meta["teachers"] = teachers_meta(cfg, [store, *more_stores])
+    if len(opened.readers) > 1:
+        meta["teachers"] = teachers_meta(cfg, opened.readers)
     train_cfg = train_config(cfg)
     hooks = _hooks(cfg, meta)
     # Built once here so a batch composition it refuses is refused before the run folder is touched.
     MixedSampler(len(dataset), n_unl, cfg.batch_size, unlabelled_fraction=cfg.unlabeled_fraction, seed=cfg.seed)
     _warn_before_training(cfg, opened)
     rank, world = _claim_run_folder(cfg)
-    mimic_images = MimicImages(sources, images, more_teachers=more_teachers)
+    mimic_images = MimicImages(sources, images)
 
     def batches(start_iter: int):
         sampler = MixedSampler(
@@ -549,14 +538,14 @@ def _hooks(cfg: StudentConfig, meta: dict) -> list:
     return hooks
 
 
-def _student_model(cfg: StudentConfig, student: Detector, readers: Sequence[StoreReader]) -> StudentModel:
+def student_model(cfg: StudentConfig, student: Detector, readers: Sequence[StoreReader]) -> StudentModel:
     """The student plus its transform ``r_k`` per teacher (student channels -> that teacher's channels) and, for
     ``--mimic-norm channel``, each teacher's channel statistics."""
     def r(reader: StoreReader) -> MimicTransform:
         return MimicTransform(student_channels=student.feature_channels, teacher_channels=reader.manifest.channels)
 
-    primary = r(readers[0]) if cfg.feature_mimic else None
-    model = StudentModel(student, primary, cfg, readers[0].manifest.stride, [r(m) for m in readers[1:]])
+    transforms = [r(reader) for reader in readers] if cfg.feature_mimic else []
+    model = StudentModel(student, transforms, cfg, readers[0].manifest.stride)
     if cfg.mimic_norm == "channel" and cfg.feature_mimic:
         model.teacher_stats = [channel_stats(reader) for reader in readers]
     return model

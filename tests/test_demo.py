@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from mimicdet.cli import main
-from mimicdet.pipeline.demo import BUDGETS, Demo, DemoConfig
-from mimicdet.student.train import DEFAULT_LOGITS_WEIGHT
 
 
 @pytest.mark.slow
@@ -74,47 +71,8 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     # done and reported under the new budget.
     budget_file = (out / "budget.json").read_text()
     r = CliRunner().invoke(main, [*args, "--teacher-iters", "21"])
-    assert r.exit_code == 1 and "teacher_iters: 20 there, 21 asked" in r.output and str(out) in r.output, r.output
+    assert r.exit_code == 1 and "teacher_iters: 20 -> 21" in r.output and str(out) in r.output, r.output
     assert "[demo]" not in r.output and (out / "budget.json").read_text() == budget_file
-    # A detection score from before the per-image record is scored again, so its row regains the mAP bootstrap.
-    stale = next((out / "eval").glob("*roi-stage2.json"))
-    scored = json.loads(stale.read_text())
-    del scored["voc"]["per_image"]
-    stale.write_text(json.dumps(scored))
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0, r.output
-    rescored = [line for line in r.output.splitlines() if "scoring it again" in line]
-    assert len(rescored) == 1 and stale.stem in rescored[0] and "per-image" in rescored[0], r.output
-    assert "per_image" in json.loads(stale.read_text())["voc"]
-    roi2 = next(row for row in json.loads((out / "report.json").read_text())["rows"]
-                if row["strategy"] == "roi + two-stage")
-    assert roi2["vs_scratch_map"]["mean_diff"] == pytest.approx(row_map_diff(report, "roi + two-stage"))
-    # A two-stage mimic student from before the balanced logits match is trained and scored again; the old run
-    # and its score are kept beside it.
-    run2 = out / "students" / stale.stem
-    config_path = run2 / "student_config.json"
-    config = json.loads(config_path.read_text())
-    del config["logits_balance"]
-    config_path.write_text(json.dumps(config))
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0, r.output
-    retrained = [line for line in r.output.splitlines() if "unbalanced logits match" in line]
-    assert len(retrained) == 1 and stale.stem in retrained[0], r.output
-    assert f"[demo] evaluate {stale.stem} ..." in r.output
-    old = run2.with_name(f"{run2.name}.unbalanced")
-    assert (old / "model.pt").exists() and "per_image" in json.loads((old / "eval.json").read_text())["voc"]
-    assert json.loads(config_path.read_text())["logits_balance"] is True and stale.exists()
-    # So is one trained with the older default logits weight (recorded as null then, meaning 1).
-    config = json.loads(config_path.read_text())
-    assert config["logits_weight"] == DEFAULT_LOGITS_WEIGHT
-    config["logits_weight"] = None
-    config_path.write_text(json.dumps(config))
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0, r.output
-    retrained = [line for line in r.output.splitlines() if "logits weight 1 (an older default" in line]
-    assert len(retrained) == 1 and stale.stem in retrained[0], r.output
-    assert (run2.with_name(f"{run2.name}.logits-w1") / "eval.json").exists() and (old / "model.pt").exists()
-    assert json.loads(config_path.read_text())["logits_weight"] == DEFAULT_LOGITS_WEIGHT and stale.exists()
 
 
 def assert_control_teacher(out, report: dict) -> None:
@@ -167,17 +125,3 @@ def test_demo_control_teacher_is_refused_without_a_limited_setting(tmp_path):
                                   "--out", str(tmp_path / "demo")])
     assert r.exit_code == 2 and "--control-teacher" in r.output and "same-data" in r.output, r.output
     assert not (tmp_path / "demo").exists()
-
-
-def test_demo_refuses_a_folder_whose_teacher_trained_with_another_budget(tmp_path):
-    """A run folder from before budget.json: its teacher's run.json says how long it trained."""
-    out = tmp_path / "demo"
-    (out / "teacher").mkdir(parents=True)
-    (out / "teacher" / "run.json").write_text(json.dumps({"train": {"iters": 400, "optim": {"lr": 0.04}}}))
-    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
-    assert r.exit_code == 1 and "teacher_iters: 400 there, 20 asked" in r.output, r.output
-    assert not (out / "budget.json").exists() and not (out / "data").exists()
-    # The budget that made it is accepted, and recorded for later runs.
-    demo = Demo(DemoConfig(out=out, mode="quick", budget=replace(BUDGETS["quick"], teacher_iters=400, teacher_lr=0.04)))
-    demo.claim_budget()
-    assert json.loads((out / "budget.json").read_text())["teacher_iters"] == 400

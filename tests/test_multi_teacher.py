@@ -77,9 +77,9 @@ def test_cli_two_teachers_of_different_widths(setup, tmp_path):
     # Each teacher has its own r_k sized to its width; both were trained (r starts with a zero bias, and only a
     # gradient moves it: weight decay keeps a zero at zero).
     state = load_checkpoint(out / "checkpoint.pt")["model"]
-    assert state["transform.weight"].shape == (CH_A, 104, 1, 1)
-    assert state["more_transforms.0.weight"].shape == (CH_B, 104, 1, 1)
-    assert state["transform.bias"].abs().sum() > 0 and state["more_transforms.0.bias"].abs().sum() > 0
+    assert state["transforms.0.weight"].shape == (CH_A, 104, 1, 1)
+    assert state["transforms.1.weight"].shape == (CH_B, 104, 1, 1)
+    assert state["transforms.0.bias"].abs().sum() > 0 and state["transforms.1.bias"].abs().sum() > 0
     # The checkpoint records the teachers, in --store order; the primary is the teacher of record.
     _, meta = load_detector(out / "model.pt")
     teachers = meta["teachers"]
@@ -108,7 +108,7 @@ def test_primary_term_is_the_single_teacher_loss_and_one_store_is_unchanged(setu
     # new key in the saved configuration.
     assert "loss_mimic_2" not in a
     state = load_checkpoint(one / "checkpoint.pt")["model"]
-    assert not any(k.startswith("more_transforms") for k in state)
+    assert not any(k.startswith("transforms.1") for k in state)
     _, meta = load_detector(one / "model.pt")
     assert "teachers" not in meta
     old_fields = {f.name for f in dataclasses.fields(StudentConfig)} - {"teacher_weights", "mimic_norm"}
@@ -127,14 +127,13 @@ def test_each_teacher_through_its_own_transform_known_answers(setup, mimic):
     a = open_store(str(setup / "store-a"))
     dataset = load_dataset(setup / "voc", "train", classes=list(a.manifest.classes))
     pre = Preprocess.from_dict(dict(a.manifest.preprocess))
-    images = MimicImages([(dataset, a)], [DetectionImages(dataset, pre)],
-                         more_teachers=[open_store(str(setup / "store-a")), open_store(str(setup / "store-b"))])
+    stores = [a, open_store(str(setup / "store-a")), open_store(str(setup / "store-b"))]
+    images = MimicImages([(dataset, stores)], [DetectionImages(dataset, pre)])
     sampler = MixedSampler(len(dataset), 0, 2, unlabelled_fraction=0.0, seed=0)
     mb = next(iter(make_mimic_loader(images, sampler, num_workers=0)))
-    assert mb.teacher_features.shape[1] == CH_A
-    assert [m.shape[1] for m in mb.more_teacher_features] == [CH_A, CH_B]
-    assert torch.equal(mb.more_teacher_features[0], mb.teacher_features)
-    assert mb.more_teacher_hw[0] == mb.teacher_hw
+    assert [m.shape[1] for m in mb.teacher_features] == [CH_A, CH_A, CH_B]
+    assert torch.equal(mb.teacher_features[1], mb.teacher_features[0])
+    assert mb.teacher_hw[1] == mb.teacher_hw[0]
 
     torch.manual_seed(0)
     student = build_student(cfg, dataset.classes)
@@ -144,7 +143,7 @@ def test_each_teacher_through_its_own_transform_known_answers(setup, mimic):
     with torch.no_grad():
         r1.bias.normal_()  # a non-zero bias, so it is part of what is checked
         r2.load_state_dict(r1.state_dict())
-    model = StudentModel(student, r1, cfg, a.manifest.stride, [r2, r3])
+    model = StudentModel(student, [r1, r2, r3], cfg, a.manifest.stride)
     losses = model(mb)
     assert set(losses) >= {"loss_mimic", "loss_mimic_2", "loss_mimic_3"}
     torch.testing.assert_close(losses["loss_mimic_2"], losses["loss_mimic"], rtol=1e-6, atol=0)
@@ -156,7 +155,8 @@ def test_each_teacher_through_its_own_transform_known_answers(setup, mimic):
     with torch.no_grad():
         r2.weight.copy_(2 * r1.weight)
         r2.bias.copy_(2 * r1.bias)
-    doubled = dataclasses.replace(mb, more_teacher_features=[2 * mb.more_teacher_features[0], mb.more_teacher_features[1]])
+    first, same, other = mb.teacher_features
+    doubled = dataclasses.replace(mb, teacher_features=[first, 2 * same, other])
     losses = model(doubled)
     torch.testing.assert_close(losses["loss_mimic_2"], 4 * losses["loss_mimic"], rtol=1e-5, atol=0)
 
@@ -181,7 +181,7 @@ def test_resume_with_two_teachers_gives_the_same_weights(setup, monkeypatch):
     assert summary["start_iteration"] == 2 and summary["iteration"] == 4
     wa = load_checkpoint(full / "checkpoint.pt")["model"]
     wb = load_checkpoint(crashed / "checkpoint.pt")["model"]
-    assert set(wa) == set(wb) and any(k.startswith("more_transforms.0.") for k in wa)
+    assert set(wa) == set(wb) and any(k.startswith("transforms.1.") for k in wa)
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
     # Another weight is another run: the folder refuses it.

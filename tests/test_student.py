@@ -18,6 +18,7 @@ from mimicdet.cli import main
 from mimicdet.data.errors import StoreError
 from mimicdet.detection.detector import load_detector
 from mimicdet.pipeline.extract import ExtractConfig, run_extract
+from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT
 from mimicdet.student.train import StudentConfig, run_train_student
 from tests.pipeline_fixtures import make_squares_voc, make_tiny_teacher
 
@@ -250,3 +251,15 @@ def test_most_boxes_under_two_cells_get_a_one_line_warning(setup, tmp_path):
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
     assert len(lines) == 1 and "of the 12 labelled boxes of voc/train are under 32 px" in lines[0]
+
+
+@pytest.mark.parametrize("mimic, logits", [("roi", DEFAULT_LOGITS_WEIGHT), ("none", 0.0)])
+def test_stage2_follows_stage1_with_the_recipe(tmp_path, mimic, logits):
+    first = StudentConfig(store="s", data=tmp_path, out=tmp_path / "stage1", mimic=mimic, iters=301, eval_every=50,
+                          eval_split="val", lr=0.05)
+    second = first.stage2(tmp_path / "stage2")
+    assert (second.stage, second.init, second.out) == (2, tmp_path / "stage1" / "model.pt", tmp_path / "stage2")
+    assert (second.iters, second.logits_weight, second.eval_every, second.lr) == (150, logits, 0, 0.05)
+    assert first.stage2(tmp_path / "b", iters=7, logits_weight=0.5).logits_weight == 0.5
+    with pytest.raises(ValueError, match="follows a stage-1 run"):
+        second.stage2(tmp_path / "c")

@@ -144,7 +144,7 @@ def test_rerun_resumes_changed_config_is_refused_overwrite_restarts(tiny_voc, tm
 
     r = CliRunner().invoke(main, [*args, "--lr", "0.005", "--head", "rfcn"])
     assert r.exit_code == 1
-    assert "another configuration" in r.output and "train.optim.lr: 0.02 -> 0.005" in r.output
+    assert "other settings" in r.output and "train.optim.lr: 0.02 -> 0.005" in r.output
     assert "detector.head: 'fast-rcnn' -> 'rfcn'" in r.output and "--overwrite" in r.output
     assert "Traceback" not in r.output
 

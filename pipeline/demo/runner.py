@@ -8,9 +8,10 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from mimicdet.data.paths import atomic_path, write_json
+from mimicdet.detection.run_folder import claim_run_folder
 from mimicdet.pipeline.demo.protocol import _GROWABLE, _RUN_TAGS, ASSISTANT, CONTROL, DemoConfig
 from mimicdet.pipeline.demo.report import (
     _environment,
@@ -22,6 +23,9 @@ from mimicdet.pipeline.demo.report import (
     side_by_side_latency,
     write_plots,
 )
+
+if TYPE_CHECKING:
+    from mimicdet.student.train import StudentConfig
 
 
 class Demo:
@@ -39,13 +43,11 @@ class Demo:
         self._extra_teachers: dict[str, dict] = {}  # control / assistant teacher name -> its table row
         self._labelled_count: int | None = None  # images in the labelled split, read once
 
-    def _stage(self, name: str, done: Path, fn: Callable[[], Any], stale: str | None = None) -> None:
-        """Run ``fn`` unless ``done`` exists; ``stale`` (why, and what is done about it) reruns an outdated result."""
-        if done.exists() and stale is None:
+    def _stage(self, name: str, done: Path, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` unless ``done`` exists."""
+        if done.exists():
             self.echo(f"[demo] {name}: done earlier ({done})")
             return
-        if stale is not None:
-            self.echo(f"[demo] {name}: {done} {stale}")
         self.echo(f"[demo] {name} ...")
         t = time.perf_counter()
         fn()
@@ -149,39 +151,38 @@ class Demo:
 
     # -- students
 
-    def student(self, name: str, *, root: Path, store: str | tuple[str, ...], split: str, width: float, stage: int,
-                mimic: str, seed: int, labelled: int | None, init: Path | None = None,
-                unlabeled: str | tuple[str, ...] | None = None,
-                unlabeled_split: str | None = None, scale: bool = False, mimic_norm: str = "none",
-                curves_split: str = "test") -> Path:
-        from mimicdet.student.train import StudentConfig, run_train_student
+    def student_config(self, name: str, *, root: Path, store: str | tuple[str, ...], split: str, width: float,
+                       mimic: str, seed: int, labelled: int | None, unlabeled: str | tuple[str, ...] | None = None,
+                       unlabeled_split: str | None = None, scale: bool = False, mimic_norm: str = "none",
+                       curves_split: str = "test") -> StudentConfig:
+        """A stage-1 student of this demo's budget in ``students/name`` (its stage 2: ``.stage2(...)``)."""
+        from mimicdet.student.train import StudentConfig
 
-        b, run = self.b, self.out / "students" / name
-        cfg = StudentConfig(
-            store=store, data=root, split=split, out=run, width=width, stage=stage, init=init, mimic=mimic,
-            mimic_norm=mimic_norm if mimic != "none" else "none", scale_mimic=scale, iters=b.student_iters if stage == 1 else b.stage2_iters, batch_size=b.batch_size,
-            lr=b.student_lr, rois_per_image=b.rois_per_image, anchor_sizes=b.anchor_sizes, unlabeled=unlabeled,
-            unlabeled_data=root if unlabeled else None, unlabeled_split=unlabeled_split or "train",
+        b = self.b
+        return StudentConfig(
+            store=store, data=root, split=split, out=self.out / "students" / name, width=width, stage=1, mimic=mimic,
+            mimic_norm=mimic_norm if mimic != "none" else "none", scale_mimic=scale, iters=b.student_iters,
+            batch_size=b.batch_size, lr=b.student_lr, rois_per_image=b.rois_per_image, anchor_sizes=b.anchor_sizes,
+            unlabeled=unlabeled, unlabeled_data=root if unlabeled else None, unlabeled_split=unlabeled_split or "train",
             unlabeled_fraction=b.unlabeled_fraction, subset=labelled, subset_seed=seed, seed=seed,
             device=self.cfg.device, workers=min(1, self.cfg.workers), progress=self.cfg.progress,
-            eval_every=b.eval_every if stage == 1 else 0, eval_split=curves_split if stage == 1 else None,
-            eval_max_images=b.eval_images, checkpoint_every=max(10, b.student_iters // 4),
+            eval_every=b.eval_every, eval_split=curves_split, eval_max_images=b.eval_images,
+            checkpoint_every=max(10, b.student_iters // 4),
         )
-        tag, stale = (_older_logits_match(run) if stage == 2 and mimic != "none" else None) or (None, None)
-        if stale is not None:
-            # Set the old run aside with its score (the trainer would resume from its checkpoint, and the score
-            # belongs to the old model); nothing is deleted.
-            old, k = run.with_name(f"{run.name}.{tag}"), 1
-            while old.exists():
-                k += 1
-                old = run.with_name(f"{run.name}.{tag}-{k}")
-            run.rename(old)
-            score = self.eval_dir / f"{name}.json"
-            if score.exists():
-                score.rename(old / "eval.json")
-            stale += f"; training it again (the old run is kept in {old})"
-        self._stage(f"student {name}", run / "model.pt", lambda: run_train_student(cfg), stale=stale)
-        return run / "model.pt"
+
+    def stage2_config(self, first: StudentConfig, name: str, *, mimic: str, unlabeled: bool = True) -> StudentConfig:
+        """The stage-2 student that follows ``first`` in ``students/name``, with this demo's stage-2 budget."""
+        keep = unlabeled and mimic != "none"
+        return first.stage2(self.out / "students" / name, iters=self.b.stage2_iters, mimic=mimic,
+                            mimic_norm=first.mimic_norm if mimic != "none" else "none",
+                            unlabeled=first.unlabeled if keep else None,
+                            unlabeled_data=first.unlabeled_data if keep else None)
+
+    def train_student(self, cfg: StudentConfig) -> Path:
+        from mimicdet.student.train import run_train_student
+
+        self._stage(f"student {cfg.out.name}", cfg.out / "model.pt", lambda: run_train_student(cfg))
+        return cfg.out / "model.pt"
 
     # -- evaluation
 
@@ -204,38 +205,18 @@ class Demo:
             slim["recall_curves"] = to_jsonable(report["recall"]["curves"])  # for the demo's plots
             _write_json(path, slim)
 
-        # Detection scores written before the per-image record cannot feed the mAP bootstrap: score them again
-        # (the file is replaced atomically, so an interrupted rescore keeps the old one).
-        scored = json.loads(path.read_text()) if path.exists() else None
-        stale = None
-        if detection and scored is not None and "per_image" not in scored.get("voc", {}):
-            stale = "has no per-image detections (written by an older version); scoring it again"
-        self._stage(f"evaluate {name}", path, work, stale=stale)
-        return scored if scored is not None and stale is None else json.loads(path.read_text())
+        self._stage(f"evaluate {name}", path, work)
+        return json.loads(path.read_text())
 
     # -- the whole run
 
     def claim_budget(self) -> None:
         """Refuse a run folder whose finished stages were made with another budget (they would be skipped as done
-        and reported under this one); record the budget in a new folder. What to run (seeds, widths, settings,
-        strategies, extras, control teacher) may grow between runs; sizes, iterations and learning rates may not."""
-        path = self.out / "budget.json"
-        mine = {k: v for k, v in json.loads(json.dumps(asdict(self.b))).items() if k not in _GROWABLE}
-        if path.exists():
-            theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _GROWABLE}
-        else:
-            # A folder from before budget.json: its teacher's run.json still says how long it trained.
-            theirs = {}
-            run_json = self.out / "teacher" / "run.json"
-            if run_json.exists():
-                train = json.loads(run_json.read_text())["train"]
-                theirs = {"teacher_iters": train["iters"], "teacher_lr": train["optim"]["lr"]}
-        diffs = [f"{k}: {theirs[k]!r} there, {mine[k]!r} asked" for k in sorted(theirs) if theirs[k] != mine.get(k)]
-        if diffs:
-            raise ValueError(f"{self.out} holds a demo run made with another budget ({'; '.join(diffs)}); its "
-                             "finished stages would be reported under the new one. Choose another --out, or pass "
-                             "the options that made it")
-        _write_json(path, asdict(self.b))
+        and reported under this one). What to run (seeds, widths, settings, strategies, extras, control teacher)
+        may grow between runs; sizes, iterations and learning rates may not."""
+        claim_run_folder(self.out, "budget.json", asdict(self.b), ignore=_GROWABLE, what="a demo run",
+                         advice="its finished stages would be reported under the new one. Choose another --out, "
+                                "or pass the options that made it")
 
     def run(self) -> dict:
         b = self.b
@@ -282,10 +263,11 @@ class Demo:
                 store, unl = self._assistant_stores(root, parts, split, pool=unl is not None)
             # roi-lab2: the RoI-mimic stage-1 student (the same run as "roi"), then a stage 2 on labelled images only.
             s1_tag = tag.removesuffix("-roi-lab2") + "-roi" if strategy == "roi-lab2" else tag
-            s1 = self.student(f"{s1_tag}-stage1", root=root, store=store, split=split, width=width, stage=1,
-                              mimic=mimic, seed=seed, labelled=labelled, unlabeled=unl if mimic != "none" else None,
-                              unlabeled_split=parts["unlabelled"], scale=strategy == "scale", mimic_norm=norm,
-                              curves_split=parts.get("curves", "test"))
+            c1 = self.student_config(f"{s1_tag}-stage1", root=root, store=store, split=split, width=width,
+                                     mimic=mimic, seed=seed, labelled=labelled,
+                                     unlabeled=unl if mimic != "none" else None, unlabeled_split=parts["unlabelled"],
+                                     scale=strategy == "scale", mimic_norm=norm, curves_split=parts.get("curves", "test"))
+            s1 = self.train_student(c1)
             ev1 = self.evaluate(f"{s1_tag}-stage1", s1, root, detection=False)
             used = [store] + ([unl] if unl and mimic != "none" else [])
             if strategy != "roi-lab2":  # its stage 1 is the roi row
@@ -295,10 +277,8 @@ class Demo:
                                if mimic != "none" else {}))
             # Stage 2: the full detector from stage 1; mimic students add two-stage (logits) mimic.
             mimic2 = "none" if strategy == "none" else "roi"
-            s2 = self.student(f"{tag}-stage2", root=root, store=store, split=split, width=width, stage=2,
-                              mimic=mimic2, seed=seed, labelled=labelled, init=s1,
-                              unlabeled=unl if mimic2 != "none" and strategy != "roi-lab2" else None,
-                              unlabeled_split=parts["unlabelled"], scale=strategy == "scale", mimic_norm=norm)
+            s2 = self.train_student(self.stage2_config(c1, f"{tag}-stage2", mimic=mimic2,
+                                                       unlabeled=strategy != "roi-lab2"))
             ev2 = self.evaluate(f"{tag}-stage2", s2, root, detection=True)
             name2 = "scratch" if strategy == "none" else f"{strategy} + two-stage"
             rows.append(_row(name2, setting, seed, width, 2, ev2)
@@ -351,12 +331,11 @@ class Demo:
         store = self.store(model, root, store_split, tag=tag)
         unl = self.store(model, root, parts["unlabelled"], tag=tag) if setting == "limited+pool" else None
         run = f"{setting}-w{_w(width)}-s{seed}-roi-{name.removeprefix('teacher-')}"
-        s1 = self.student(f"{run}-stage1", root=root, store=store, split=store_split, width=width, stage=1,
-                          mimic="roi", seed=seed, labelled=labelled, unlabeled=unl, unlabeled_split=parts["unlabelled"])
+        c1 = self.student_config(f"{run}-stage1", root=root, store=store, split=store_split, width=width, mimic="roi",
+                                 seed=seed, labelled=labelled, unlabeled=unl, unlabeled_split=parts["unlabelled"])
+        s1 = self.train_student(c1)
         ev1 = self.evaluate(f"{run}-stage1", s1, root, detection=False)
-        s2 = self.student(f"{run}-stage2", root=root, store=store, split=store_split, width=width, stage=2,
-                          mimic="roi", seed=seed, labelled=labelled, init=s1, unlabeled=unl,
-                          unlabeled_split=parts["unlabelled"])
+        s2 = self.train_student(self.stage2_config(c1, f"{run}-stage2", mimic="roi"))
         ev2 = self.evaluate(f"{run}-stage2", s2, root, detection=True)
         return [
             _row(f"roi ({CONTROL})", setting, seed, width, 1, ev1, run=self.out / "students" / f"{run}-stage1")
@@ -390,8 +369,9 @@ class Demo:
         rows = []
         for strategy, kw in variants.items():
             tag = f"{base}-{strategy.replace(', ', '-').replace(' ', '_')}-stage1"
-            s1 = self.student(tag, root=root, split=split, width=width, stage=1, mimic="roi", seed=seed,
-                              labelled=labelled, unlabeled_split=parts["unlabelled"], **kw)
+            s1 = self.train_student(self.student_config(tag, root=root, split=split, width=width, mimic="roi",
+                                                        seed=seed, labelled=labelled,
+                                                        unlabeled_split=parts["unlabelled"], **kw))
             ev = self.evaluate(tag, s1, root, detection=False)
             used = [u for k in ("store", "unlabeled") if kw[k] for u in (kw[k] if isinstance(kw[k], tuple) else (kw[k],))]
             rows.append(_row(strategy, setting, seed, width, 1, ev, run=self.out / "students" / tag)
@@ -421,29 +401,6 @@ class Demo:
         write_plots(rows, self.out / ("plots" if split == "test" else f"plots-{split}"), self.eval_dir)
         self.echo(format_table(report))
         return report
-
-
-def _older_logits_match(run: Path) -> tuple[str, str] | None:
-    """Why a finished two-stage mimic student in ``run`` is outdated, as (folder tag, reason), or None.
-
-    Students written before the logits match weighed teacher-foreground and background rows half each have no
-    ``logits_balance`` in their config; students written before the weight moved to ``DEFAULT_LOGITS_WEIGHT``
-    record another ``logits_weight`` (``null``: the older default, 1).
-    """
-    from mimicdet.student.recipe import DEFAULT_LOGITS_WEIGHT
-
-    config = run / "student_config.json"
-    if not (run / "model.pt").exists() or not config.exists():
-        return None
-    recorded = json.loads(config.read_text())
-    if "logits_balance" not in recorded:
-        return "unbalanced", "was trained with the unbalanced logits match of an older version"
-    weight = recorded.get("logits_weight")
-    weight = 1.0 if weight is None else float(weight)
-    if weight != DEFAULT_LOGITS_WEIGHT:
-        return (f"logits-w{weight:g}",
-                f"was trained with logits weight {weight:g} (an older default; now {DEFAULT_LOGITS_WEIGHT:g})")
-    return None
 
 
 def _write_json(path: Path, obj: Any) -> None:

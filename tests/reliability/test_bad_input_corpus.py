@@ -294,7 +294,7 @@ def _run_folder_of_another_config(world: Path, tmp: Path) -> Case:
     r = cli(*_train(world, tmp, "--iters", "1"))
     assert r.exit_code == 0, r.output
     return Case(_train(world, tmp, "--iters", "1", "--mimic", "map"), 1,
-                [rf"{tmp / 'out'}: holds a run with a different configuration \(mimic\); use --overwrite"], tmp / "out")
+                [rf"{tmp / 'out'} holds a run made with other settings \(mimic: 'roi' -> 'map'\); pass --overwrite"], tmp / "out")
 
 
 def _resume_against_changed_data(world: Path, tmp: Path) -> Case:
