@@ -280,9 +280,10 @@ class StudentConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["teacher_weights"] is None:  # the default; left out so one-teacher configs read as they always have
+        # Options at their plain default are left out, so a run folder's identity names only what it departs in.
+        if d["teacher_weights"] is None:
             del d["teacher_weights"]
-        if d["mimic_norm"] == "none":  # likewise: run folders made before the option keep their identity
+        if d["mimic_norm"] == "none":
             del d["mimic_norm"]
         return json.loads(json.dumps(d, default=str))
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from mimicdet.pipeline.demo.protocol import TEACHER_ROWS
-from mimicdet.student.family import width_label
+from mimicdet.student.family import width_label, width_tag
 
 
 def _w(width: float) -> str:
-    """Width in run-folder names and labels (0.25 -> "1-4"); the table prints it as a fraction."""
-    return {1.0: "1", 0.5: "1-2", 0.25: "1-4", 0.125: "1-8"}.get(width, f"{width:g}")
+    """Width in run-folder names (0.25 -> "1-4"); the table prints it as a fraction."""
+    return width_tag(width).removeprefix("w")
 
 
 def _row(strategy: str, setting: str, seed, width: float, stage: int, ev: dict, run: Path | None = None) -> dict:
