@@ -87,9 +87,13 @@ def _csv(kind):
         if value is None:
             return None
         try:
-            return tuple(kind(v) for v in str(value).split(",") if v.strip())
+            items = tuple(kind(v) for v in str(value).split(",") if v.strip())
         except ValueError:
-            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+            items = ()
+        if not items:
+            what = {int: "integers", float: "numbers"}.get(kind, f"{kind.__name__} values")
+            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}")
+        return items
     return parse
 
 
@@ -133,11 +137,51 @@ def _subset_of(allowed: tuple[str, ...]):
     return parse
 
 
+def _teacher_spec(ctx, param, value):
+    """A teacher checkpoint that exists, or ``torchvision:NAME`` of a known architecture."""
+    from pathlib import Path
+
+    if value.startswith("torchvision:"):
+        from mimicdet.detection.torchvision_detector import parse_arch
+
+        try:
+            parse_arch(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        return value
+    if not Path(value).is_file():
+        raise click.BadParameter(f"{value} is not a file (a model.pt from train-teacher, or torchvision:NAME)")
+    return value
+
+
 def _storage_options():
     import os
 
     endpoint = os.environ.get("MIMICDET_S3_ENDPOINT")
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def _cache_size(ctx, param, value):
+    """'20GB' or '512MiB' -> bytes; None (the default size) stays None."""
+    if value is None:
+        return None
+    from mimicdet.store.cache import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("--cache-size: ")) from None
+
+
+def _cache_options(command):
+    """--cache-dir and --cache-size: the local copy of a remote (s3://) store's shards."""
+    command = click.option("--cache-size", default=None, callback=_cache_size,
+                           help="Most disk space the shard cache may use, e.g. 20GB or 512MiB; least recently used "
+                                "shards go first [default: 50GB].")(command)
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                        help="Folder of the local shard cache of s3:// stores: each shard is fetched once, checked "
+                             "and reused across epochs and runs [default: $XDG_CACHE_HOME/mimicdet/stores, else "
+                             "~/.cache/mimicdet/stores].")(command)
 
 
 
@@ -188,6 +232,12 @@ def make_data_synthetic(out, train, test, pool, val, min_object, size, seed, pre
 @click.option("--pool", type=click.IntRange(min=1), default=None,
               help="Built-in dataset only: images in the teacher's pool, which are also the students' unlabelled "
                    "images (default 1000).")
+@click.option("--teacher-arch", default=None,
+              help="The teacher's detector: inception (this tool's, default) or torchvision:NAME, e.g. "
+                   "torchvision:fasterrcnn_mobilenet_v3_large_fpn, trained in the run (a foreign teacher's store "
+                   "teaches the same Inception students).")
+@click.option("--teacher-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Override the teacher's learning rate (default 0.04).")
 @click.option("--teacher-iters", type=click.IntRange(min=1), default=None,
               help="Override the teacher budget (default: built-in data, the shipped w=1/2 teacher of 2500 "
                    "iterations, used as given; with --data, a w=1 teacher trained 400 iterations). Another budget "
@@ -228,7 +278,7 @@ def make_data_synthetic(out, train, test, pool, val, min_object, size, seed, pre
                    "a val split) to choose settings without reading test (eval-val/, plots-val/, report-val.json).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
-def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_sizes, extras, control_teacher, seeds,
+def demo(data, mode, out, labelled, pool, teacher_arch, teacher_iters, teacher_lr, student_iters, anchor_sizes, extras, control_teacher, seeds,
          widths, settings, strategies, min_size, max_size, min_object, report_split, device, workers) -> None:
     """Reproduce the paper's comparison end to end: data, teacher, extraction, students, evaluation, table.
 
@@ -247,7 +297,8 @@ def demo(data, mode, out, labelled, pool, teacher_iters, student_iters, anchor_s
     if control_teacher and (settings or budget.settings) == ("same-data",):
         raise click.BadParameter("a control teacher needs a limited-label setting (limited or limited+pool): in "
                                  "same-data it would be the teacher itself", param_hint="--control-teacher")
-    overrides = {"labelled": labelled, "pool": pool, "teacher_iters": teacher_iters, "anchor_sizes": anchor_sizes,
+    overrides = {"labelled": labelled, "pool": pool, "teacher_arch": teacher_arch, "teacher_iters": teacher_iters,
+                 "teacher_lr": teacher_lr, "anchor_sizes": anchor_sizes,
                  "seeds": seeds, "extras": extras, "control_teacher": control_teacher, "widths": widths,
                  "settings": settings, "strategies": strategies, "min_size": min_size, "max_size": max_size,
                  "min_object": min_object}
@@ -292,7 +343,22 @@ def verify_store_command(store, data_root, split) -> None:
 
 # --- extract-teacher / train-student (offline mimic pipeline) ---
 @main.command("extract-teacher")
-@click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False), help="Teacher checkpoint (model.pt from train-teacher).")
+@click.option("--teacher", required=True, callback=_teacher_spec,
+              help="Teacher checkpoint (model.pt from train-teacher), or torchvision:NAME with --weights "
+                   "(fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn).")
+@click.option("--weights", default=None,
+              help="torchvision:NAME only: its state dict file (torchvision's layout), or the name of torchvision's "
+                   "published weights (e.g. COCO_V1) when torchvision's cache holds them. Nothing is downloaded.")
+@click.option("--feature-stride", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Stride of the stored feature map (the student's: 16). Picks the FPN level of a torchvision teacher "
+                   "(P4; a MobileNetV3 FPN's stride-32 level is served upsampled x2).")
+@click.option("--class-map", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="torchvision:NAME only: JSON {\"teacher class\": \"dataset class\"}, so the store's logits are the "
+                   "dataset's (stage-2 logits match). Without it the store holds features and proposals only.")
+@click.option("--min-size", type=click.IntRange(min=32), default=None,
+              help="torchvision:NAME only: shorter input side [default: torchvision's 800].")
+@click.option("--max-size", type=click.IntRange(min=32), default=None,
+              help="torchvision:NAME only: cap on the longer side [default: torchvision's 1333].")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech) or a plain folder of images (no labels needed).")
 @click.option("--split", default="train", show_default=True, help="Split of --data to extract.")
 @click.option("--out", required=True, help="Store location: a path or an fsspec URL (s3://bucket/prefix).")
@@ -307,8 +373,9 @@ def verify_store_command(store, data_root, split) -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted extraction (refused if the teacher or dataset changed).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:K]")
-def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals, flip, shard_size, batch_size,
-                            workers, scheduler, resume, overwrite, device) -> None:
+def extract_teacher_command(teacher, weights, feature_stride, class_map, min_size, max_size, data, split, out, backend,
+                            dtype, proposals, flip, shard_size, batch_size, workers, scheduler, resume, overwrite,
+                            device) -> None:
     """Run the teacher once over a dataset into a compressed, sharded, resumable feature store."""
     from pathlib import Path
 
@@ -318,8 +385,14 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
         raise click.BadParameter("--resume and --overwrite exclude each other", param_hint="--resume/--overwrite")
     if workers and scheduler:
         raise click.BadParameter("--workers starts a local cluster; --scheduler joins one: give one", param_hint="--workers/--scheduler")
+    foreign = {"--weights": weights, "--class-map": class_map, "--min-size": min_size, "--max-size": max_size}
+    given = [name for name, value in foreign.items() if value is not None]
+    if given and not teacher.startswith("torchvision:"):
+        raise click.BadParameter(f"{', '.join(given)} go with --teacher torchvision:NAME; {teacher} holds its own "
+                                 "weights, classes and sizes", param_hint=given[0])
     summary = run_extract(ExtractConfig(
-        teacher=Path(teacher), data=Path(data), split=split, out=out, backend=backend, dtype=dtype,
+        teacher=teacher, weights=weights, feature_stride=feature_stride, class_map=Path(class_map) if class_map else None,
+        min_size=min_size, max_size=max_size, data=Path(data), split=split, out=out, backend=backend, dtype=dtype,
         proposals=proposals, flip=flip, shard_size=shard_size, batch_size=batch_size, workers=workers,
         scheduler=scheduler, mode="resume" if resume else "overwrite" if overwrite else "create", device=device,
         storage_options=_storage_options()))
@@ -378,10 +451,12 @@ def extract_teacher_command(teacher, data, split, out, backend, dtype, proposals
 @click.option("--skip-corrupt", is_flag=True,
               help="Verify the store's shards first and train without damaged images (reports how many).")
 @click.option("--overwrite", is_flag=True, help="Replace a run at --out made with another configuration (only the run's own files are removed).")
+@_cache_options
 def train_student_command(store, teacher_weights, data, split, out, width, stage, init, head, mimic, sampler, mimic_weight,
                           mimic_norm, logits_weight, logits_balance, scale_mimic, rois_per_image, flip, iters, batch_size, lr, anchor_sizes,
                           aspect_ratios, unlabeled, unlabeled_data, unlabeled_split, unlabeled_fraction, subset, seed,
-                          device, workers, eval_every, eval_split, checkpoint_every, skip_corrupt, overwrite) -> None:
+                          device, workers, eval_every, eval_split, checkpoint_every, skip_corrupt, overwrite, cache_dir,
+                          cache_size) -> None:
     """Train a student detector from a teacher's feature store (the teacher is never loaded), or from several
     teachers' stores (repeat --store, weigh them with --teacher-weight)."""
     from pathlib import Path
@@ -399,7 +474,7 @@ def train_student_command(store, teacher_weights, data, split, out, width, stage
         unlabeled_data=Path(unlabeled_data) if unlabeled_data else None, unlabeled_split=unlabeled_split,
         unlabeled_fraction=unlabeled_fraction, subset=subset, seed=seed, device=device, workers=workers,
         eval_every=eval_every, eval_split=eval_split, checkpoint_every=checkpoint_every, skip_corrupt=skip_corrupt,
-        overwrite=overwrite, storage_options=_storage_options()))
+        overwrite=overwrite, storage_options=_storage_options(), cache_dir=cache_dir, cache_size=cache_size))
     skipped = summary["skipped_images"]
     if skipped:
         click.echo(f"skipped {len(skipped)} damaged image(s): "
@@ -412,31 +487,7 @@ def train_student_command(store, teacher_weights, data, split, out, width, stage
         click.echo(f"student at iteration {summary['iteration']}: {summary['model']} (already trained; nothing to resume)")
 # --- end extract-teacher / train-student ---
 
-# --- train-teacher / evaluate ---
-def _int_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        items = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not items:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
-    return items
-
-
-def _float_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        items = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    if not items:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}")
-    return items
-
-
+# --- train-teacher / evaluate / predict ---
 @main.command("train-teacher")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Dataset root (VOC, COCO, Caltech).")
 @click.option("--split", default="train", show_default=True, help="Split of --data to train on.")
@@ -445,6 +496,11 @@ def _float_list(ctx, param, value):
                    "(a control teacher that knows only a student's labelled images).")
 @click.option("--subset-seed", default=0, show_default=True, type=int, help="Seed of the --subset draw.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumes when it exists).")
+@click.option("--arch", default="inception", show_default=True,
+              help="inception: this tool's detector; torchvision:NAME: torchvision's Faster R-CNN (fasterrcnn_resnet50_fpn, "
+                   "fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn), which ignores --width, --head and "
+                   "the anchor options; its --init-from is a file in torchvision's layout (a detector or an ImageNet "
+                   "backbone).")
 @click.option("--width", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Backbone width multiplier.")
 @click.option("--head", default="fast-rcnn", show_default=True, type=click.Choice(["fast-rcnn", "rfcn"]), help="Detection head: fast-rcnn (RoIAlign + MLP) or rfcn (position-sensitive RoI pooling).")
@@ -456,8 +512,8 @@ def _float_list(ctx, param, value):
 @click.option("--max-size", default=512, show_default=True, type=click.IntRange(min=1), help="Longer side cap, px.")
 @click.option("--anchor-preset", default="default", show_default=True, type=click.Choice(["default", "pedestrian"]),
               help="Anchor sizes and aspect ratios; --anchor-sizes / --aspect-ratios override its parts.")
-@click.option("--anchor-sizes", default=None, callback=_int_list, help="e.g. 16,32,64,128 (input px).")
-@click.option("--aspect-ratios", default=None, callback=_float_list, help="height/width, e.g. 0.5,1,2.")
+@click.option("--anchor-sizes", default=None, callback=_csv(int), help="e.g. 16,32,64,128 (input px).")
+@click.option("--aspect-ratios", default=None, callback=_csv(float), help="height/width, e.g. 0.5,1,2.")
 @click.option("--rpn-channels", default=None, type=click.IntRange(min=1), help="Channels of the RPN's 3x3 conv (default: the backbone's output channels).")
 @click.option("--init-from", default=None, type=click.Path(exists=True, dir_okay=False),
               help="torchvision GoogLeNet state dict (width 1 only; inputs are then normalised as (x-0.5)/0.5).")
@@ -471,7 +527,7 @@ def _float_list(ctx, param, value):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Data loader processes.")
 @click.option("--overwrite", is_flag=True, help="Replace a run at --out made with another configuration.")
-def train_teacher_command(data, split, subset, subset_seed, out, width, head, iters, batch_size, lr, min_size,
+def train_teacher_command(data, split, subset, subset_seed, out, arch, width, head, iters, batch_size, lr, min_size,
                           max_size, anchor_preset, anchor_sizes, aspect_ratios, rpn_channels, init_from, flip,
                           eval_every, eval_split, eval_max_images, checkpoint_every, seed, device, workers,
                           overwrite) -> None:
@@ -488,7 +544,8 @@ def train_teacher_command(data, split, subset, subset_seed, out, width, head, it
 
     try:
         config = TeacherConfig(
-            data=Path(data), split=split, subset=subset, subset_seed=subset_seed, out=Path(out), width=width, head=head,
+            data=Path(data), split=split, subset=subset, subset_seed=subset_seed, out=Path(out), arch=arch, width=width,
+            head=head,
             iters=iters or DEFAULT_ITERS,
             batch_size=batch_size, lr=lr or DEFAULT_LR, min_size=min_size, max_size=max_size,
             anchor_preset=anchor_preset, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
@@ -517,8 +574,13 @@ def train_teacher_command(data, split, subset, subset_seed, out, width, head, it
 @click.option("--score-thresh", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Detection score threshold [default: the checkpoint's, 0.05]. mAP ranks detections: 0.001 "
                    "scores an under-confident classifier that 0.05 would cut off entirely.")
+@click.option("--detections", default=None, type=click.Path(dir_okay=False),
+              help="Also write the detections here as COCO results [{image_id, file_name, category_id, bbox: "
+                   "[x, y, w, h], score}], original pixels. image_id: the dataset's ids when all are integers "
+                   "(COCO data), else 1..N in split order (VOC, folders); category_id k+1 is the model's k-th "
+                   "class (COCO data: categories in id order, renumbered 1..K); file_name is relative to --data.")
 def evaluate_command(model_path, data, split, metrics, out, plots, max_images, batch_size, workers, device,
-                     profile, score_thresh) -> None:
+                     profile, score_thresh, detections) -> None:
     """Evaluate a checkpoint: proposal recall, VOC mAP, COCO AP, Caltech miss rate, parameters, GFLOPs, speed."""
     from pathlib import Path
 
@@ -529,13 +591,86 @@ def evaluate_command(model_path, data, split, metrics, out, plots, max_images, b
             model=Path(model_path), data=Path(data), split=split, metrics=tuple(metrics.split(",")),
             out=Path(out) if out else None, plots=Path(plots) if plots else None, max_images=max_images,
             device=device, batch_size=batch_size, workers=workers, profile=profile, score_thresh=score_thresh,
+            detections=Path(detections) if detections else None,
         )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--metrics") from None
     run_evaluate(config)
-# --- end train-teacher / evaluate ---
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Teacher or student checkpoint (model.pt), or an ONNX file from `mimic export` (with its "
+                   ".json sidecar; runs with --backend onnxruntime).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for detections.json (COCO results), images.json (image ids, file names, categories) "
+                   "and, with --draw, drawn/.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]),
+              help="torch: the checkpoint in PyTorch. onnxruntime: the ONNX file, or the checkpoint exported to a "
+                   "temporary ONNX file first (CPU; needs pip install 'mimicdet[export]').")
+@click.option("--score-thresh", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Keep detections scoring above this [default: the checkpoint's, 0.05].")
+@click.option("--draw", is_flag=True, help="Also write a copy of each image with its labelled boxes into OUT/drawn/.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="cpu, cuda or auto (the GPU when there is one); torch backend only.")
+def predict_command(images, model_path, out, backend, score_thresh, draw, device) -> None:
+    """Detect objects in IMAGES (image files, or folders searched recursively) with a trained model.
+
+    \b
+    OUT/detections.json: COCO results [{"image_id", "file_name", "category_id", "bbox": [x, y, w, h], "score"}],
+    boxes in original image pixels; category_id k+1 is the model's k-th class (see OUT/images.json, a COCO file
+    without annotations: COCO("images.json").loadRes("detections.json") works). Image ids number the images
+    found 1..N, inputs in the order given, folders sorted by path; file_name is relative to the folder common
+    to all IMAGES. An unreadable file is skipped with a warning. Prints the median ms per image at the end."""
+    from pathlib import Path
+
+    from mimicdet.detection.predict import PredictConfig, is_onnx, run_predict
+
+    if is_onnx(Path(model_path)) and backend != "onnxruntime":
+        raise click.BadParameter("an .onnx model runs with --backend onnxruntime", param_hint="--backend")
+    run_predict(PredictConfig(model=Path(model_path), inputs=tuple(Path(p) for p in images), out=Path(out),
+                              backend=backend, score_thresh=score_thresh, draw=draw, device=device),
+                echo=click.echo)
+# --- end train-teacher / evaluate / predict ---
 
 # --- export (deployable detectors) ---
+@main.command("profile")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--size", default="600x1000", show_default=True, callback=lambda ctx, p, v: _hxw(v),
+              help="Input height x width, px (e.g. 192x192 or 1000x1500).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Images per call.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "torch-reference", "onnxruntime"]),
+              default=("torch",), show_default=True,
+              help="torch: the lean inference copy `mimic predict` runs; torch-reference: the model as trained; "
+                   "onnxruntime: the `mimic export` ONNX file. Repeat to compare.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1), help="Timed rounds.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (torch and onnxruntime).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the table as JSON here.")
+def profile_command(models, size, batch, backends, device, repeats, threads, out) -> None:
+    """Time MODELS side by side on this machine: parameters, GFLOPs and ms/image per backend, each model's
+    speed-up over the first. Models are timed in turn, round after round, so the ratios hold on a busy machine."""
+    from pathlib import Path
+
+    from mimicdet.data.paths import write_json
+    from mimicdet.detection.speed import ProfileConfig, format_profile, run_profile
+
+    result = run_profile(ProfileConfig(models=tuple(Path(m) for m in models), size=size, batch=batch,
+                                       backends=tuple(backends), device=device, repeats=repeats, threads=threads))
+    click.echo(format_profile(result))
+    if out:
+        write_json(out, result)
+
+
+def _hxw(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH in pixels, e.g. 600x1000, got {value!r}") from None
+    return h, w
+
+
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="File format.")
@@ -615,9 +750,11 @@ def export_command(checkpoint, fmt, out, height, width, opset, verify, overwrite
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder; finished widths are skipped when the command is run again.")
+@_cache_options
 def train_family_command(store, data, split, widths, stage, mimic, head, iters, stage2_iters, batch_size, lr,
                          mimic_weight, logits_weight, rois_per_image, anchor_sizes, aspect_ratios, seed, teacher,
-                         eval_split, eval_max_images, profile_repeats, budget_ms, device, workers, out) -> None:
+                         eval_split, eval_max_images, profile_repeats, budget_ms, device, workers, out, cache_dir,
+                         cache_size) -> None:
     """Train a width family of students from one store; write OUT/family.json, OUT/speed_accuracy.png and a
     table of each width's speed-up, so a width can be picked for a time budget."""
     from pathlib import Path
@@ -630,7 +767,8 @@ def train_family_command(store, data, split, widths, stage, mimic, head, iters, 
         logits_weight=logits_weight, rois_per_image=rois_per_image, anchor_sizes=anchor_sizes,
         aspect_ratios=aspect_ratios, seed=seed, teacher=Path(teacher) if teacher else None, eval_split=eval_split,
         eval_max_images=eval_max_images, profile_repeats=profile_repeats, budget_ms=budget_ms, device=device,
-        workers=workers, storage_options=_storage_options()), echo=click.echo)
+        workers=workers, storage_options=_storage_options(), cache_dir=cache_dir, cache_size=cache_size),
+        echo=click.echo)
 # --- end train-family ---
 
 # --- end of commands ---

@@ -64,7 +64,8 @@ from mimicdet.data.synthetic import SyntheticConfig, ensure_dataset  # noqa: E40
 from mimicdet.data.transforms import Preprocess  # noqa: E402
 from mimicdet.detection.detector import Detector, DetectorConfig, build_detector, save_detector  # noqa: E402
 from mimicdet.detection.trainer import Trainer  # noqa: E402
-from mimicdet.pipeline.extract import ExtractConfig, load_teacher, run_extract  # noqa: E402
+from mimicdet.pipeline.extract import ExtractConfig, run_extract  # noqa: E402
+from mimicdet.pipeline.teachers import TeacherSpec, open_teacher  # noqa: E402
 from mimicdet.student.mimic import roi_mimic_loss  # noqa: E402
 from mimicdet.detection.environment import cpu_model  # noqa: E402
 from mimicdet.store.training import open_source  # noqa: E402
@@ -494,8 +495,8 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
         checkpoint_every=0, log_every=1, overwrite=True, device="cpu",
     )
     # The online arm holds the teacher in memory, as an online distiller must.
-    teacher, meta, _ = load_teacher(teacher_path, torch.device("cpu"))
-    pre = Preprocess.from_dict(meta["preprocess"])
+    opened = open_teacher(TeacherSpec(str(teacher_path)), torch.device("cpu"))
+    teacher, pre = opened.model, opened.preprocess
     reader = open_store(str(store))
     dataset = load_dataset(data, "train", classes=list(reader.manifest.classes))
     check = same_loss_check(replace(base, out=work / "check"), teacher, str(store))

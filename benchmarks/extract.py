@@ -64,7 +64,8 @@ from mimicdet.data.loader import DetectionImages, collate  # noqa: E402
 from mimicdet.data.synthetic import CLASSES, SyntheticConfig, ensure_dataset  # noqa: E402
 from mimicdet.data.transforms import Preprocess  # noqa: E402
 from mimicdet.detection.detector import DetectorConfig, build_detector, load_detector, save_detector  # noqa: E402
-from mimicdet.pipeline.extract import ExtractConfig, load_teacher, run_extract, teacher_pass  # noqa: E402
+from mimicdet.pipeline.extract import ExtractConfig, run_extract, teacher_pass  # noqa: E402
+from mimicdet.pipeline.teachers import TeacherSpec, open_teacher  # noqa: E402
 
 RACCOON = Path(os.environ.get("MIMICDET_RACCOON", REPO / ".." / "shared" / "data" / "raccoon"))
 RESULT = REPO / "benchmarks" / "results" / "extract.json"
@@ -161,8 +162,8 @@ def median(xs) -> float:
 def throughput(teacher_path: Path, data: Path, work: Path, sizes: Sizes) -> dict:
     n = sizes.throughput_images
     split, one = write_split(data, f"first{n}", n), write_split(data, "first8", BATCH)
-    teacher, meta, _ = load_teacher(teacher_path, CPU)
-    pre = Preprocess.from_dict(meta["preprocess"])
+    teacher = open_teacher(TeacherSpec(str(teacher_path)), CPU)
+    pre = teacher.preprocess
     images = DetectionImages(load_dataset(data, split, classes=list(CLASSES)), pre)
     batches = [collate([images[(i, False)] for i in range(s, min(s + BATCH, n))]) for s in range(0, n, BATCH)]
 
@@ -282,8 +283,8 @@ def array_bytes(url: Path, images: int) -> dict[str, float]:
 
 def teacher_maps(teacher_path: Path, data: Path, split: str) -> list[np.ndarray]:
     """The teacher's float32 maps, batched as extraction batches them: the reference for storage errors."""
-    teacher, meta, _ = load_teacher(teacher_path, CPU)
-    images = DetectionImages(load_dataset(data, split, classes=list(CLASSES)), Preprocess.from_dict(meta["preprocess"]))
+    teacher = open_teacher(TeacherSpec(str(teacher_path)), CPU)
+    images = DetectionImages(load_dataset(data, split, classes=list(CLASSES)), teacher.preprocess)
     maps: list[np.ndarray] = []
     for s in range(0, len(images), BATCH):
         b = collate([images[(i, False)] for i in range(s, min(s + BATCH, len(images)))])

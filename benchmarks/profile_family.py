@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder: _results
 
-from _results import write_report  # noqa: E402
+from _results import add_timing_arguments, write_report  # noqa: E402
 from mimicdet.detection.detector import DetectorConfig, build_detector  # noqa: E402
 from mimicdet.detection.profile import profile_models  # noqa: E402
 
@@ -71,14 +71,9 @@ def table(rows: dict[str, dict], size: tuple[int, int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="256x256,1000x1500", help="comma-separated HxW input sizes")
+    add_timing_arguments(ap, sizes="256x256,1000x1500", repeats=20, big_repeats=5)
     ap.add_argument("--out", default="benchmarks/results/profile_family.json", type=Path)
-    ap.add_argument("--repeats", type=int, default=20, help="timed runs per model on small inputs")
-    ap.add_argument("--big-repeats", type=int, default=5, help="timed runs per model on inputs over 512x512")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--num-classes", type=int, default=2, help="including background (2: pedestrians)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--amp", action="store_true", help="CUDA only: time under fp16 autocast, as the trainers run")
     args = ap.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"

@@ -42,7 +42,7 @@ def split_frame_path(path: Path | str) -> tuple[Path, int | None]:
     return Path(m["seq"]), int(m["index"])
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
+def to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "RGB":
         return np.array(im)
@@ -67,7 +67,7 @@ def load_image(path: Path | str) -> np.ndarray:
     try:
         with Image.open(source) as im:
             im.load()
-            rgb = _to_rgb(im)
+            rgb = to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except Image.DecompressionBombError as e:

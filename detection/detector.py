@@ -310,16 +310,20 @@ class Detector(nn.Module):
 
 
 class _eval_mode:
-    """Context manager: eval mode inside, the previous mode restored after."""
+    """Context manager: eval mode inside, the previous mode restored after. A model already wholly in eval mode
+    is left alone (setting the mode walks every module twice: a fixed cost of every small-image predict)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module, self.was_training = module, module.training
+        self.switch = any(m.training for m in module.modules())
 
     def __enter__(self) -> None:
-        self.module.eval()
+        if self.switch:
+            self.module.eval()
 
     def __exit__(self, *exc: object) -> None:
-        self.module.train(self.was_training)
+        if self.switch:
+            self.module.train(self.was_training)
 
 
 def _check_images(images: Tensor, image_sizes: list[tuple[int, int]]) -> None:
@@ -365,6 +369,15 @@ def build_detector(config: DetectorConfig) -> Detector:
     return Detector(config)
 
 
+def _build_from_config(config: dict[str, Any]) -> nn.Module:
+    """This tool's detector, or a torchvision one (``"arch": "torchvision:NAME"``) from a checkpoint's config."""
+    if isinstance(config, dict) and str(config.get("arch", "")).startswith("torchvision:"):
+        from mimicdet.detection.torchvision_detector import TorchvisionConfig, TorchvisionDetector
+
+        return TorchvisionDetector(TorchvisionConfig.from_dict(config))
+    return Detector(DetectorConfig.from_dict(config))
+
+
 def save_detector(path: str | Path, model: Detector, meta: dict[str, Any] | None = None) -> None:
     """Write ``{"model": state_dict, "detector_config": config.to_dict(), "meta": meta}`` atomically
     (temporary file in the same folder, then ``os.replace``). ``meta`` must hold plain types only."""
@@ -386,10 +399,10 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DataError(f"{path}: expected a dict with 'model' and 'detector_config', got {keys}")
     try:
-        config = DetectorConfig.from_dict(ckpt["detector_config"])
+        model = _build_from_config(ckpt["detector_config"])
     except (TypeError, ValueError) as e:
         raise DataError(f"{path}: field 'detector_config': {e}") from None
-    model = Detector(config)
+    config = model.config
     state = ckpt["model"]
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

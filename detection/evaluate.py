@@ -10,7 +10,8 @@ Metrics (any of :data:`METRICS`): ``recall`` (proposal recall at IoU 0.5/0.7 for
 ``voc`` (mAP at IoU 0.5, 11-point and area rules), ``coco`` (AP, AP50, AP75, APs/m/l via pycocotools),
 ``caltech`` (log-average miss rate). Cost from :func:`detection.profile.profile_model` at the dataset's
 typical (median) padded input size: parameters per part, GFLOPs, ms per image. Boxes x1y1x2y2, pixels; times in
-seconds unless named ``_ms``.
+seconds unless named ``_ms``. ``detections_path`` (``mimic evaluate --detections``) also writes every detection as
+COCO results, with the image ids of the COCO ground truth the ``coco`` metric builds (:func:`write_detections`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mimicdet.data.paths import write_json
 from mimicdet.data.records import Dataset
 
 METRICS = ("voc", "coco", "recall", "caltech")
+DETECTIONS_KEY = "detections"  # the collector evaluate_model feeds for detections_path, beside the metrics
 DEFAULT_METRICS = ("voc", "coco", "recall")
 
 
@@ -49,6 +51,7 @@ class EvalConfig:
     # Detection score threshold; None keeps the checkpoint's (0.05). mAP ranks detections, so a lower one (0.001)
     # shows the ranking of an under-confident classifier that 0.05 would cut off entirely.
     score_thresh: float | None = None
+    detections: Path | None = None  # COCO results JSON of every detection (write_detections)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
@@ -68,7 +71,7 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _preprocess_and_scale(meta: dict) -> tuple[Any, float]:
+def checkpoint_preprocess(meta: dict) -> tuple[Any, float]:
     from mimicdet.data.transforms import Preprocess
 
     if "preprocess" not in meta:
@@ -84,7 +87,7 @@ def typical_input_size(dataset: Dataset, meta: dict) -> tuple[int, int]:
     checkpoint's preprocessing: a shape that really occurs, not a mix of two images' sides."""
     from mimicdet.data.transforms import resize_params
 
-    pre, scale = _preprocess_and_scale(meta)
+    pre, scale = checkpoint_preprocess(meta)
     div = max(1, round(pre.size_divisor * scale))
     if not len(dataset):
         return pre.min_size, pre.min_size
@@ -96,7 +99,7 @@ def typical_input_size(dataset: Dataset, meta: dict) -> tuple[int, int]:
     return sizes[(len(sizes) - 1) // 2]
 
 
-def _to_original(det: dict[str, torch.Tensor], params, key: str, score_key: str) -> tuple[np.ndarray, np.ndarray]:
+def to_original_pixels(det: dict[str, torch.Tensor], params, key: str, score_key: str) -> tuple[np.ndarray, np.ndarray]:
     """Input-pixel boxes -> original-image boxes (clipped), with their scores, as float32 numpy."""
     boxes = params.unmap_boxes(det[key].detach().float().cpu().numpy())
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, params.orig_width)
@@ -143,13 +146,23 @@ def _predict_into(model: nn.Module, data: Dataset, pre, scale: float, evaluators
             predict_s += time.perf_counter() - t0
             for index, params, out in zip(batch.indices, batch.params, outputs):
                 record = data.records[index]
-                boxes, scores = _to_original(out, params, "boxes", "scores")
+                boxes, scores = to_original_pixels(out, params, "boxes", "scores")
                 dets = {"boxes": boxes, "scores": scores, "labels": out["labels"].cpu().numpy().astype(np.int64)}
-                pboxes, pscores = _to_original(out, params, "proposals", "proposal_scores")
+                pboxes, pscores = to_original_pixels(out, params, "proposals", "proposal_scores")
                 for m, ev in evaluators.items():
                     ev.process(record, {"boxes": pboxes, "scores": pscores} if m == "recall" else dets)
             bar.update(len(batch))
     return time.perf_counter() - t_start, predict_s
+
+
+def _what_can_be_scored(model: nn.Module, metrics: Sequence[str], classes: tuple[str, ...]) -> tuple[str, bool, list]:
+    """(head, whether detections can be scored, notes). A head-less (stage-1) model's detections are its
+    proposals, all labelled 1: meaningful only for one class."""
+    head = getattr(getattr(model, "config", None), "head", "fast-rcnn")
+    detection_ok = head != "none" or len(classes) == 1
+    skipped = [m for m in metrics if m != "recall"] if not detection_ok else []
+    notes = [f"{', '.join(skipped)} skipped: the model has no box head and the data has several classes"] if skipped else []
+    return head, detection_ok, notes
 
 
 def evaluate_model(
@@ -167,6 +180,7 @@ def evaluate_model(
     progress: bool | None = None,
     name: str = "model",
     keep_hits: bool = False,
+    detections_path: Path | None = None,
 ) -> dict[str, Any]:
     """Runs ``model.predict`` over the labelled images of ``dataset`` and scores it.
 
@@ -176,33 +190,38 @@ def evaluate_model(
     ``meta`` is the checkpoint's meta (``classes``, ``preprocess``, optional ``input_scale``).
     ``keep_hits`` adds ``recall["hits"]``: per test box, whether the top-300 proposals recall it at IoU 0.5 / 0.7,
     and ``voc["per_image"]`` (``VOCEvaluator.per_image``), what ``significance.paired_bootstrap_map`` compares.
+    ``detections_path``: also write every detection there as COCO results (:func:`write_detections`).
     """
     from mimicdet.detection.device import select_device
 
     metrics = check_metrics(metrics)
-    pre, scale = _preprocess_and_scale(meta)
+    pre, scale = checkpoint_preprocess(meta)
     classes = tuple(meta.get("classes", dataset.classes))
     data = _images_to_score(dataset, classes, max_images)
 
     dev = device if isinstance(device, torch.device) else select_device(device)
-    head = getattr(getattr(model, "config", None), "head", "fast-rcnn")
-    # A head-less (stage-1) model's detections are its proposals, all labelled 1: meaningful only for one class.
-    detection_ok = head != "none" or len(classes) == 1
-    notes = []
-    if not detection_ok:
-        skipped = [m for m in metrics if m != "recall"]
-        if skipped:
-            notes.append(f"{', '.join(skipped)} skipped: the model has no box head and the data has several classes")
+    head, detection_ok, notes = _what_can_be_scored(model, metrics, classes)
     evaluators = _evaluators(metrics, classes, detection_ok)
+    collect = {}
+    if detections_path is not None:  # a COCO evaluator of its own collects them, whatever the metrics
+        from mimicdet.detection.metrics import COCOEvaluator
+
+        collect[DETECTIONS_KEY] = COCOEvaluator(classes=classes)
+
+    from mimicdet.detection.export import lean_or_same
 
     was_training = model.training
     model.to(dev).eval()
+    # Scored on the lean inference copy, the detector `mimic predict` and `mimic export` deploy.
+    deployed = lean_or_same(model).to(dev)
     try:
-        total_s, predict_s = _predict_into(model, data, pre, scale, evaluators, device=dev, batch_size=batch_size,
-                                           workers=workers, progress=progress, name=name)
+        total_s, predict_s = _predict_into(deployed, data, pre, scale, {**evaluators, **collect}, device=dev,
+                                           batch_size=batch_size, workers=workers, progress=progress, name=name)
     finally:
         model.train(was_training)
     results = _results(evaluators, keep_hits=keep_hits)
+    if detections_path is not None:
+        write_detections(collect[DETECTIONS_KEY], Path(detections_path), root=dataset.root)
 
     report: dict[str, Any] = {
         **results,
@@ -216,6 +235,14 @@ def evaluate_model(
         "notes": notes,
         "plots": [],
     }
+    _add_cost_and_plots(report, model, data, meta, dev, profile=profile, plots_dir=plots_dir, name=name)
+    model.train(was_training)  # profiling leaves the model in eval mode
+    return report
+
+
+def _add_cost_and_plots(report: dict, model: nn.Module, data: Dataset, meta: dict, dev: torch.device, *,
+                        profile: bool, plots_dir: Path | None, name: str) -> None:
+    """Parameters, the profile (with ``profile``), the headline summary and the plots (with ``plots_dir``)."""
     if hasattr(model, "param_counts"):
         report["model"]["params"] = model.param_counts()
     if profile:
@@ -226,8 +253,21 @@ def evaluate_model(
     report["summary"] = headline(report)
     if plots_dir is not None:
         report["plots"] = write_plots(report, Path(plots_dir), name=name)
-    model.train(was_training)  # profiling leaves the model in eval mode
-    return report
+
+
+def write_detections(collector: Any, path: Path, *, root: Path | None = None) -> None:
+    """A ``COCOEvaluator``'s detections as COCO results ``[{image_id, file_name, category_id, bbox: [x, y, w, h],
+    score}]`` at ``path``, atomically. ``image_id`` is the one its ground truth uses (``COCOEvaluator.ground_truth``:
+    the records' ids when all are integers, as COCO data has, else 1..N in split order), so ``loadRes`` on a ground
+    truth built the same way takes the file; ``file_name`` is the image path relative to ``root`` when inside it.
+    ``category_id`` is the label (``k + 1`` for ``classes[k]``): a COCO file whose category ids are not 1..K in
+    order needs them mapped back by name."""
+    names = {}
+    base = Path(root).absolute() if root is not None else None
+    for im in collector.ground_truth().dataset["images"]:
+        p = Path(im["file_name"]).absolute()
+        names[im["id"]] = (p.relative_to(base) if base and p.is_relative_to(base) else p).as_posix()
+    write_json(path, [{**r, "file_name": names[r["image_id"]]} for r in collector.results()], indent=None)
 
 
 def _images_to_score(dataset: Dataset, classes: tuple[str, ...], max_images: int | None) -> Dataset:
@@ -360,6 +400,8 @@ def run_evaluate(config: EvalConfig) -> dict:
         check_writable("--out", config.out)
     if config.plots is not None:
         check_writable("--plots", config.plots, folder=True)
+    if config.detections is not None:
+        check_writable("--detections", config.detections)
     model, meta = load_detector(config.model)
     if config.score_thresh is not None and model.head is not None:
         model.head.score_thresh = float(config.score_thresh)  # torchvision RoIHeads reads it at postprocess
@@ -368,7 +410,7 @@ def run_evaluate(config: EvalConfig) -> dict:
     report = evaluate_model(
         model, meta, dataset, metrics=config.metrics, device=config.device, batch_size=config.batch_size,
         workers=config.workers, max_images=config.max_images, plots_dir=config.plots, profile=config.profile,
-        progress=config.progress, name=_model_name(Path(config.model)),
+        progress=config.progress, name=_model_name(Path(config.model)), detections_path=config.detections,
     )
     report["model"]["path"] = str(config.model)
     if config.score_thresh is not None:
@@ -380,4 +422,6 @@ def run_evaluate(config: EvalConfig) -> dict:
         print(f"report: {out}")
     for p in report["plots"]:
         print(f"plot: {p}")
+    if config.detections is not None:
+        print(f"detections: {config.detections}")
     return report

@@ -254,7 +254,7 @@ def export_torchscript(model: nn.Module, path: Path, *, height: int, width: int)
         torch.jit.save(traced, str(path))
 
 
-def _onnxruntime():  # noqa: ANN202
+def require_onnxruntime():  # noqa: ANN202
     try:
         import onnxruntime
     except ImportError:  # an optional dependency
@@ -267,7 +267,7 @@ def _onnxruntime():  # noqa: ANN202
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """``images float32[1,3,H,W] -> {name: array}`` with onnxruntime on CPU."""
-    ort = _onnxruntime()
+    ort = require_onnxruntime()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3  # warnings about unused initialisers are noise here
@@ -413,9 +413,9 @@ class InputSizes:
 
 def input_sizes(meta: dict[str, Any]) -> InputSizes:
     """:class:`InputSizes` of a checkpoint's ``meta`` (its ``preprocess`` and ``input_scale``)."""
-    from mimicdet.detection.evaluate import _preprocess_and_scale
+    from mimicdet.detection.evaluate import checkpoint_preprocess
 
-    pre, scale = _preprocess_and_scale(meta)
+    pre, scale = checkpoint_preprocess(meta)
     div = _divisor(pre, scale)
 
     def padded(side: int) -> int:
@@ -455,9 +455,9 @@ def _accepts(cfg: ExportConfig, pre: Any, scale: float, sizes: InputSizes) -> st
 
 
 def _sidecar(cfg: ExportConfig, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    from mimicdet.detection.evaluate import _preprocess_and_scale
+    from mimicdet.detection.evaluate import checkpoint_preprocess
 
-    pre, scale = _preprocess_and_scale(meta)
+    pre, scale = checkpoint_preprocess(meta)
     sizes = input_sizes(meta)
     head = model.config.head
     return {
@@ -512,6 +512,14 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return Path(tmp)
 
 
+def lean_or_same(model: nn.Module) -> nn.Module:
+    """The lean inference copy (:func:`detection.lean.make_lean`) of this tool's detector; any other model as is."""
+    from mimicdet.detection.detector import Detector
+    from mimicdet.detection.lean import make_lean
+
+    return make_lean(model) if isinstance(model, Detector) else model
+
+
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Load ``cfg.checkpoint``, export it to ``cfg.out`` (+ ``cfg.out.json``), verify, and return a summary.
 
@@ -530,7 +538,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {out.parent}")
     if cfg.format == "onnx" and cfg.verify:
-        _onnxruntime()  # fail before the work, not after it
+        require_onnxruntime()  # fail before the work, not after it
     model, meta = load_detector(cfg.checkpoint)
     model.eval()
     sidecar = _sidecar(cfg, model, meta)
@@ -540,13 +548,14 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     else:
         checks = [(cfg.height, cfg.width)] * 2  # seed 1 catches values frozen into the trace
     height, width = checks[0]
+    exported = lean_or_same(model)  # the file follows the lean inference path; the checks compare with the model
 
     if cfg.format == "onnx":
-        tmp = _write_atomically(out, lambda p: export_onnx(model, p, height=height, width=width, opset=cfg.opset,
-                                                           dynamic=cfg.dynamic))
+        tmp = _write_atomically(out, lambda p: export_onnx(exported, p, height=height, width=width,
+                                                           opset=cfg.opset, dynamic=cfg.dynamic))
         runner = onnx_runner
     else:
-        tmp = _write_atomically(out, lambda p: export_torchscript(model, p, height=height, width=width))
+        tmp = _write_atomically(out, lambda p: export_torchscript(exported, p, height=height, width=width))
         runner = torchscript_runner
     try:
         if cfg.verify:

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.ops import ps_roi_align, roi_align
+from torchvision.ops import batched_nms, ps_roi_align, roi_align
 
 from mimicdet.detection.backbone import scaled
 
@@ -115,6 +116,36 @@ class BoxHead(RoIHeads):
             class_logits.float(), box_deltas.float(), [p.float() for p in proposals], list(image_sizes)
         )
         return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+
+    def postprocess_batched(
+        self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Same detections as :meth:`postprocess` with the filters run on the whole batch at once.
+
+        Decoding, softmax, clipping, the score and small-box filters treat all ``R`` regions together; only
+        torchvision's ``batched_nms`` runs per image, on exactly the rows the per-image path gives it (its class
+        offsets depend on each image's largest coordinate, so one call over the batch would round differently).
+        """
+        (r, k), n = class_logits.shape, len(proposals)
+        if r == 0:  # nothing to filter (and torchvision's path has its own empty-tensor shapes)
+            return self.postprocess(class_logits, box_deltas, proposals, image_sizes)
+        counts = torch.tensor([len(p) for p in proposals], device=class_logits.device)
+        boxes = self.box_coder.decode(box_deltas.float(), [p.float() for p in proposals])  # [R, K, 4]
+        scores = F.softmax(class_logits.float(), -1)
+        sizes = torch.tensor(list(image_sizes), dtype=boxes.dtype, device=boxes.device)  # [N, 2] (h, w)
+        limits = sizes.flip(1).repeat(1, 2).repeat_interleave(counts, dim=0).unsqueeze(1)  # [R, 1, 4]
+        boxes = torch.minimum(boxes.clamp(min=0), limits)[:, 1:].reshape(-1, 4)  # background dropped
+        scores = scores[:, 1:].reshape(-1)
+        labels = torch.arange(1, k, device=boxes.device).repeat(r)  # (region, class) order, as torchvision
+        image = torch.arange(n, device=boxes.device).repeat_interleave(counts * (k - 1))
+        wh = boxes[:, 2:] - boxes[:, :2]
+        keep = (scores > self.score_thresh) & (wh >= 1e-2).all(dim=1)  # torchvision's thresholds
+        per_image = torch.bincount(image[keep], minlength=n).tolist()
+        out = []
+        for b, s, lab in zip(*(t[keep].split(per_image) for t in (boxes, scores, labels))):
+            top = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
+            out.append({"boxes": b[top], "scores": s[top], "labels": lab[top]})
+        return out
 
 
 def _pool_inputs(x: Tensor, proposals: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -5,6 +5,9 @@ per multiply-add; convolutions and matrix products only, so RoIAlign and NMS are
 milliseconds of ``Detector.predict`` (and of the backbone alone) on one ``1 x 3 x h x w`` image under
 ``torch.inference_mode``; memory in MiB.
 
+``profile_models(..., lean=True)`` also times each model's :func:`detection.lean.make_lean` copy in the same
+rounds; :func:`time_round_robin` times any callables that way.
+
 Peak memory is measured with torch's ``MemTracker`` (live tensor storages, parameters included, on any device);
 on CUDA ``torch.cuda.max_memory_allocated`` is reported too. Where ``MemTracker`` is missing (older torch) the
 process's ``ru_maxrss`` growth during the first run stands in: a high-water mark of the whole process, so it
@@ -16,7 +19,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -91,6 +94,23 @@ def time_backbone_ms(model: Detector, images: Tensor) -> float:
     return _time_ms(lambda: model.backbone(images), images.device)
 
 
+def time_round_robin(
+    runs: dict[Hashable, Callable[[], object]], *, repeats: int, warmup: int, device: str | torch.device = "cpu"
+) -> dict[Hashable, list[float]]:
+    """Milliseconds of each callable over ``repeats`` rounds after ``warmup`` rounds, one call of each per round,
+    so that machine-load drift hits every callable alike and their ratios are comparable."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    dev = torch.device(device)
+    samples: dict[Hashable, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + repeats):
+        for name, fn in runs.items():
+            ms = _time_ms(fn, dev)
+            if i >= warmup:
+                samples[name].append(ms)
+    return samples
+
+
 def _time_ms(fn, device: torch.device) -> float:
     with torch.inference_mode():
         _sync(device)
@@ -135,26 +155,34 @@ def profile_models(
     repeats: int = 20,
     warmup: int = 3,
     device: str | torch.device = "cpu",
+    lean: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Profile several models on the same input, timing them round-robin (one run of each in turn) so that
-    machine-load drift hits every model alike and their ratios are comparable."""
+    machine-load drift hits every model alike and their ratios are comparable. ``lean`` also times each model's
+    :func:`detection.lean.make_lean` copy in the same rounds (``"lean_latency"``, ``"lean_backbone_latency"``)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     dev = torch.device(device)
     results = {name: profile_static(m, input_size, device=dev) for name, m in models.items()}
     images, sizes = _input(input_size, dev)
-    whole: dict[str, list[float]] = {name: [] for name in models}
-    trunk: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(warmup + repeats):
-        for name, m in models.items():
-            ms, bb = time_predict_ms(m, images, sizes), time_backbone_ms(m, images)
-            if i >= warmup:
-                whole[name].append(ms)
-                trunk[name].append(bb)
+    variants = {(name, "reference"): m for name, m in models.items()}
+    if lean:
+        from mimicdet.detection.lean import make_lean
+
+        variants.update({(name, "lean"): make_lean(m) for name, m in models.items()})
+    runs: dict[tuple[str, str, str], Callable[[], object]] = {}
+    for (name, path), m in variants.items():
+        runs[name, path, "predict"] = lambda m=m: m.predict(images, sizes)
+        runs[name, path, "backbone"] = lambda m=m: m.backbone(images)
+    samples = time_round_robin(runs, repeats=repeats, warmup=warmup, device=dev)
     for name in models:
-        results[name]["latency"] = latency_summary(whole[name])
-        results[name]["backbone_latency"] = latency_summary(trunk[name])
-        results[name]["threads"] = torch.get_num_threads()
+        r = results[name]
+        r["latency"] = latency_summary(samples[name, "reference", "predict"])
+        r["backbone_latency"] = latency_summary(samples[name, "reference", "backbone"])
+        if lean:
+            r["lean_latency"] = latency_summary(samples[name, "lean", "predict"])
+            r["lean_backbone_latency"] = latency_summary(samples[name, "lean", "backbone"])
+        r["threads"] = torch.get_num_threads()
     return results
 
 

@@ -4,6 +4,9 @@ Shapes: features ``Tensor[N, C, h, w]`` at a fixed ``stride`` (16, or 8 after th
 ``A = len(sizes)·len(aspect_ratios)`` anchors per cell; proposals ``list[Tensor[R_i, 4]]`` x1y1x2y2 in input
 pixels, sorted by objectness, with scores ``list[Tensor[R_i]]`` (sigmoid probabilities).
 
+Eval-mode post-processing of a whole batch at once (:func:`filter_proposals_batched`, used by the lean copy of
+:mod:`detection.lean`) gives the same proposals as torchvision's per-image ``filter_proposals``.
+
 Aspect ratio means height / width (torchvision's convention). Anchor centres are ``stride·(i, j)``, which is
 where the backbone's feature cell ``(i, j)`` is centred (see ``detection.backbone``).
 """
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+from torchvision.ops import nms
 
 from mimicdet.detection.anchors import DEFAULT_ANCHOR_SIZES, DEFAULT_ASPECT_RATIOS
 
@@ -154,3 +158,66 @@ class RPN(RegionProposalNetwork):
             loss_objectness, loss_box = self.compute_loss(objectness, deltas, labels, regression_targets)
             losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
         return boxes, scores, losses
+
+
+# --- batched eval-mode post-processing (the lean inference path) -------------------------------------------------
+def nms_first(boxes: Tensor, scores: Tensor, iou_threshold: float, top_n: int) -> Tensor:
+    """``nms(boxes, scores, iou_threshold)[:top_n]``, usually from a prefix of the list only.
+
+    ``scores [R]`` must already be in non-increasing order (``topk``'s). Greedy NMS decides a box from the boxes
+    ranked above it alone, so NMS on the first ``L`` boxes keeps exactly the boxes the full run keeps among them:
+    when that is ``top_n`` boxes, the rest of the list cannot change the answer. ``L = 2·top_n`` first (NMS costs
+    O(L²): 1000 RPN candidates and 300 proposals cost a third), the whole list when that keeps too few.
+    """
+    n = boxes.shape[0]
+    prefix = 2 * top_n
+    if prefix < n:
+        keep = nms(boxes[:prefix], scores[:prefix], iou_threshold)
+        if keep.numel() >= top_n:
+            return keep[:top_n]
+    return nms(boxes, scores, iou_threshold)[:top_n]
+
+
+def filter_proposals_batched(
+    proposals: Tensor,
+    logits: Tensor,
+    image_sizes: list[tuple[int, int]],
+    *,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    min_size: float,
+    score_thresh: float,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Eval-mode proposals of a one-map RPN for a batch: ``proposals [N, A, 4]`` decoded boxes and ``logits
+    [N, A]`` objectness -> per image ``[R_i, 4]`` boxes and ``[R_i]`` sigmoid scores, by objectness.
+
+    Top-``pre_nms_top_n`` by objectness, clipping to each image, small-box and score filters run on the whole
+    batch; only NMS runs per image (one call each: a single call over the batch with offset boxes would scan
+    every image's boxes for each kept one, O((N·k)²), and the offsets change the IoUs' rounding). Same result as
+    torchvision's ``filter_proposals`` with one level: its ``batched_nms`` of up to 1000 boxes is plain NMS (the
+    coordinate trick with a zero offset), and above that is mirrored here.
+    """
+    n, a = logits.shape
+    k = min(pre_nms_top_n, a)
+    top, idx = logits.topk(k, dim=1)  # sorted, as torchvision's per-level topk
+    boxes = proposals.gather(1, idx.unsqueeze(-1).expand(n, k, 4))
+    scores = torch.sigmoid(top)
+    sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)  # [N, 2] (h, w)
+    limits = sizes.flip(1).repeat(1, 2).unsqueeze(1)  # [N, 1, 4]: (w, h, w, h)
+    boxes = torch.minimum(boxes.clamp(min=0), limits)  # clip_boxes_to_image's clamp(0, side)
+    wh = boxes[..., 2:] - boxes[..., :2]
+    valid = (wh >= min_size).all(dim=-1) & (scores >= score_thresh)
+    all_valid = bool(valid.all())
+    out_boxes, out_scores = [], []
+    for b, s, v in zip(boxes, scores, valid):
+        if not all_valid:
+            b, s = b[v], s[v]
+        if b.numel() > 4000:  # torchvision's batched_nms: per-level NMS, then a re-sort by score
+            keep = nms(b, s, nms_thresh).sort().values
+            keep = keep[s[keep].sort(descending=True)[1]][:post_nms_top_n]
+        else:
+            keep = nms_first(b, s, nms_thresh, post_nms_top_n)
+        out_boxes.append(b[keep])
+        out_scores.append(s[keep])
+    return out_boxes, out_scores

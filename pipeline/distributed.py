@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,27 +19,27 @@ import torch
 from mimicdet.data.progress import progress_bar
 from mimicdet.data.records import Dataset, ImageRecord
 from mimicdet.data.transforms import Preprocess
+from mimicdet.pipeline.teachers import PREFIX, TeacherSpec
 
 # Set by LocalCluster workers we start; a task reads it to size torch's thread pool.
 _THREADS_ENV = "MIMICDET_WORKER_THREADS"
 
 
 @lru_cache(maxsize=2)
-def _worker_teacher(path: str, device: str):
+def _worker_teacher(spec: TeacherSpec, device: str):
     """The teacher, loaded once per worker process (tasks of the same run reuse it)."""
-    from mimicdet.pipeline.extract import load_teacher
     from mimicdet.detection.device import select_device as resolve_device
+    from mimicdet.pipeline.teachers import open_teacher
 
     threads = int(os.environ.get(_THREADS_ENV, "0"))
     if threads:
         torch.set_num_threads(threads)
-    teacher, meta, _ = load_teacher(Path(path), resolve_device(device))
-    return teacher
+    return open_teacher(spec, resolve_device(device))
 
 
 def extract_shard_task(
     *,
-    teacher_path: str,
+    teacher: TeacherSpec,
     device: str,
     store: str,
     storage_options: dict,
@@ -53,15 +54,15 @@ def extract_shard_task(
     from mimicdet.store import open_writer
     from mimicdet.pipeline.extract import extract_shard
 
-    teacher = _worker_teacher(teacher_path, device)
+    model = _worker_teacher(teacher, device)
     per_flip = extract_shard(
-        teacher,
+        model,
         records,
         Preprocess.from_dict(preprocess),
         flips=flips,
         top_k=top_k,
         batch_size=batch_size,
-        device=next(teacher.parameters()).device,
+        device=next(model.parameters()).device,
     )
     writer = open_writer(store, storage_options=storage_options or None)
     try:
@@ -86,7 +87,16 @@ def check_scheduler(address: str, *, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def extract_on_dask(cfg, manifest, dataset: Dataset, shards: Sequence[int]) -> None:
+def _resolved(spec: TeacherSpec) -> TeacherSpec:
+    """File paths made absolute: workers may run in another folder."""
+    def absolute(p: str | None) -> str | None:
+        return str(Path(p).resolve()) if p is not None and Path(p).exists() else p
+
+    teacher = spec.teacher if spec.teacher.startswith(PREFIX) else absolute(spec.teacher)
+    return replace(spec, teacher=teacher, weights=absolute(spec.weights), class_map=absolute(spec.class_map))
+
+
+def extract_on_dask(cfg, spec: TeacherSpec, manifest, dataset: Dataset, shards: Sequence[int]) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -109,7 +119,7 @@ def extract_on_dask(cfg, manifest, dataset: Dataset, shards: Sequence[int]) -> N
             futures.append(
                 client.submit(
                     extract_shard_task,
-                    teacher_path=str(Path(cfg.teacher).resolve()),
+                    teacher=_resolved(spec),
                     device=cfg.device,
                     store=str(cfg.out),
                     storage_options=dict(cfg.storage_options or {}),

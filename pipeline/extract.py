@@ -24,7 +24,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,16 +37,13 @@ from mimicdet.data.paths import check_output_apart
 from mimicdet.data.progress import progress_bar
 from mimicdet.data.records import Dataset, ImageRecord
 from mimicdet.data.transforms import Preprocess, resize_params
-from mimicdet.detection.checkpoints import file_sha256
-from mimicdet.detection.detector import Detector, load_detector
 from mimicdet.detection.device import select_device as resolve_device
-
-FEATURE_LAYER = "inception4e"
+from mimicdet.pipeline.teachers import Teacher, TeacherSpec, open_teacher
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    teacher: Path
+    teacher: Path | str  # a model.pt, or "torchvision:NAME" (with ``weights``)
     data: Path
     out: str  # path or fsspec URL
     split: str = "train"
@@ -64,45 +61,46 @@ class ExtractConfig:
     writer_thread: bool | None = None  # write shards in a background thread; None: only off the CPU
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
+    # A foreign teacher (pipeline/teachers.py): its weights, FPN level, class map and input sizes.
+    weights: str | None = None
+    feature_stride: int = 16
+    class_map: Path | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+
+    def teacher_spec(self) -> TeacherSpec:
+        return TeacherSpec(teacher=str(self.teacher), weights=self.weights, feature_stride=self.feature_stride,
+                           class_map=str(self.class_map) if self.class_map else None, min_size=self.min_size,
+                           max_size=self.max_size)
 
 
-
-def teacher_preprocess(meta: dict, source: Path) -> Preprocess:
-    if "preprocess" not in meta:
-        raise DataError(f"{source}: checkpoint meta has no 'preprocess'; was it written by `mimic train-teacher`?")
-    return Preprocess.from_dict(meta["preprocess"])
-
-
-def build_manifest(
-    *, teacher: Detector, meta: dict, teacher_sha: str, dataset: Dataset, pre: Preprocess, cfg: ExtractConfig
-) -> Manifest:
+def build_manifest(*, teacher: Teacher, dataset: Dataset, cfg: ExtractConfig) -> Manifest:
     """Everything a student needs to check that the store matches what it is asked to train on."""
-    stride = teacher.feature_stride
+    pre = teacher.preprocess
     max_h = max_w = 1
     for r in dataset.records:
         p = resize_params(r.width, r.height, pre)
         fh, fw = teacher.feature_size(p.out_height, p.out_width)
         max_h, max_w = max(max_h, fh), max(max_w, fw)
-    config = teacher.config
     return Manifest(
-        teacher_arch="inception-bn",
-        teacher_width=float(config.width),
-        teacher_head=config.head,
-        teacher_sha256=teacher_sha,
-        classes=tuple(meta.get("classes", ())),
+        teacher_arch=teacher.arch,
+        teacher_width=teacher.width,
+        teacher_head=teacher.head,
+        teacher_sha256=teacher.sha256,
+        classes=teacher.classes,
         dataset_name=dataset.name,
         dataset_split=dataset.split,
         dataset_digest=dataset.digest(),
         image_ids=tuple(r.image_id for r in dataset.records),
         preprocess=pre.to_dict(),
         flips=(False, True) if cfg.flip else (False,),
-        feature_layer=FEATURE_LAYER,
-        stride=stride,
+        feature_layer=teacher.feature_layer,
+        stride=teacher.feature_stride,
         channels=teacher.feature_channels,
         max_hw=(max_h, max_w),
         dtype=cfg.dtype,
         num_proposals=cfg.proposals,
-        nms_threshold=float(config.rpn_nms_thresh),
+        nms_threshold=teacher.nms_threshold,
         shard_size=cfg.shard_size,
         backend=cfg.backend,
     )
@@ -121,7 +119,7 @@ def _to_features(record: ImageRecord, out: dict[str, torch.Tensor]) -> ImageFeat
 
 @torch.inference_mode()
 def teacher_pass(
-    teacher: Detector, images: torch.Tensor, image_sizes: list[tuple[int, int]], *, top_k: int, device: torch.device
+    teacher: Teacher, images: torch.Tensor, image_sizes: list[tuple[int, int]], *, top_k: int, device: torch.device
 ) -> list[dict[str, torch.Tensor]]:
     use_amp = device.type == "cuda"
     with torch.autocast(device_type=device.type, enabled=use_amp):
@@ -129,7 +127,7 @@ def teacher_pass(
 
 
 def extract_shard(
-    teacher: Detector,
+    teacher: Teacher,
     records: Sequence[ImageRecord],
     pre: Preprocess,
     *,
@@ -252,7 +250,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _extract_local(
-    teacher: Detector, dataset: Dataset, pre: Preprocess, manifest: Manifest, writer, shards: list[int], cfg: ExtractConfig
+    teacher: Teacher, dataset: Dataset, pre: Preprocess, manifest: Manifest, writer, shards: list[int], cfg: ExtractConfig
 ) -> None:
     device = next(teacher.parameters()).device
     flips = manifest.flips
@@ -313,12 +311,6 @@ def _extract_local(
         raise failure[0]
 
 
-def load_teacher(path: Path, device: torch.device) -> tuple[Detector, dict, str]:
-    teacher, meta = load_detector(path, map_location="cpu")
-    teacher.eval().to(device)
-    return teacher, meta, file_sha256(path)
-
-
 def _what_is_kept(cfg: ExtractConfig, writer) -> str:
     """After a failed run: drop a store this run created if it holds no complete shard (the location is left as
     it was), else say what survives. Not with a remote scheduler, whose workers may still be writing."""
@@ -338,14 +330,19 @@ def run_extract(cfg: ExtractConfig) -> dict:
         raise ValueError(f"--proposals must be >= 1, got {cfg.proposals}")
     if cfg.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
-    check_output_apart("--out", cfg.out, {"--teacher": cfg.teacher, "--data": cfg.data})
+    check_output_apart("--out", cfg.out, {"--teacher": cfg.teacher, "--weights": cfg.weights,
+                                          "--class-map": cfg.class_map, "--data": cfg.data})
     device = resolve_device(cfg.device)
-    teacher, meta, sha = load_teacher(Path(cfg.teacher), device)
-    pre = teacher_preprocess(meta, Path(cfg.teacher))
-    dataset = load_dataset(cfg.data, cfg.split, classes=meta.get("classes") or None)
+    spec = cfg.teacher_spec()
+    teacher = open_teacher(spec, device)
+    pre = teacher.preprocess
+    dataset = load_dataset(cfg.data, cfg.split, classes=list(teacher.classes) or None)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data}: split {cfg.split!r} has no images")
-    manifest = build_manifest(teacher=teacher, meta=meta, teacher_sha=sha, dataset=dataset, pre=pre, cfg=cfg)
+    if not teacher.classes:  # a foreign teacher without a class map: the store names the dataset's classes
+        spec = replace(spec, classes=tuple(dataset.classes))
+        teacher = open_teacher(spec, device)
+    manifest = build_manifest(teacher=teacher, dataset=dataset, cfg=cfg)
     if cfg.scheduler:
         from mimicdet.pipeline.distributed import check_scheduler
 
@@ -360,7 +357,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
             from mimicdet.pipeline.distributed import extract_on_dask
 
             writer.close()
-            extract_on_dask(cfg, manifest, dataset, shards)
+            extract_on_dask(cfg, spec, manifest, dataset, shards)
         elif shards:
             _extract_local(teacher, dataset, pre, manifest, writer, shards, cfg)
     except (DataError, StoreError) as e:

@@ -23,6 +23,7 @@ from mimicdet.data.paths import check_output_apart
 from mimicdet.data.records import Dataset
 from mimicdet.detection.anchors import ANCHOR_PRESETS
 from mimicdet.detection.run_folder import MODEL_NAME, claim_run_folder
+from mimicdet.detection.torchvision_detector import TorchvisionConfig, parse_arch
 from mimicdet.detection.trainer import Hook, OptimConfig, TrainConfig, Trainer, default_hooks
 
 if TYPE_CHECKING:  # torchvision-heavy modules are imported when a run starts, not at CLI start-up
@@ -44,6 +45,9 @@ class TeacherConfig:
     data: Path
     out: Path
     split: str = "train"
+    # "inception": this tool's detector (width, head, anchors below); "torchvision:NAME": torchvision's Faster
+    # R-CNN of that name, trained by this tool's trainer on the same preprocessed batches.
+    arch: str = "inception"
     # Train on ``subset`` images of the split drawn by ``subset_seed`` (the students' ``--subset`` rule): a
     # control teacher that knows only what a student's labelled images hold.
     subset: int | None = None
@@ -74,6 +78,8 @@ class TeacherConfig:
     progress: bool | None = None  # None: progress bar only on a terminal
 
     def __post_init__(self) -> None:
+        if self.arch != "inception":
+            parse_arch(self.arch)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.anchor_preset not in ANCHOR_PRESETS:
@@ -151,18 +157,39 @@ def _datasets(config: TeacherConfig) -> tuple[Dataset, Dataset | None]:
 def _preprocess(config: TeacherConfig) -> Preprocess:
     from mimicdet.data.transforms import Preprocess
 
-    if config.init_from is not None:
+    if config.init_from is not None and config.arch == "inception":
         # torchvision's GoogLeNet weights expect (x - 0.5) / 0.5 inputs (its transform_input=True).
         return Preprocess(min_size=config.min_size, max_size=config.max_size, mean=(0.5,) * 3, std=(0.5,) * 3)
     return Preprocess(min_size=config.min_size, max_size=config.max_size)
 
 
-def _detector_config(config: TeacherConfig, num_classes: int) -> DetectorConfig:
+def _detector_config(config: TeacherConfig, num_classes: int) -> DetectorConfig | TorchvisionConfig:
     from mimicdet.detection.detector import DetectorConfig
+
+    if config.arch != "inception":
+        return TorchvisionConfig(arch=config.arch, num_classes=num_classes)
 
     sizes, ratios = config.anchors()
     return DetectorConfig(num_classes=num_classes, width=config.width, head=config.head,
                           rpn_channels=config.rpn_channels, anchor_sizes=sizes, aspect_ratios=ratios)
+
+
+def _build(det_config, init_from: Path | None) -> torch.nn.Module:
+    """The detector to train, with ``--init-from`` weights: a GoogLeNet state dict for this tool's backbone; for
+    a torchvision detector, its own layout (a whole detector, or a classification backbone)."""
+    from mimicdet.detection.backbone import load_googlenet_weights
+    from mimicdet.detection.detector import build_detector
+    from mimicdet.detection.torchvision_detector import TorchvisionDetector, load_init_weights
+
+    if isinstance(det_config, TorchvisionConfig):
+        model = TorchvisionDetector(det_config)
+        if init_from is not None:
+            load_init_weights(model, init_from)
+        return model
+    model = build_detector(det_config)
+    if init_from is not None:
+        load_googlenet_weights(model.backbone, init_from)
+    return model
 
 
 def train_teacher(config: TeacherConfig, *, hooks: Sequence[Hook] = ()) -> dict:
@@ -170,8 +197,7 @@ def train_teacher(config: TeacherConfig, *, hooks: Sequence[Hook] = ()) -> dict:
 
     ``hooks`` run after the usual ones (metrics log, evaluation, checkpoint, progress bar)."""
     from mimicdet.data.loader import DetectionImages, IterationSampler, make_loader
-    from mimicdet.detection.backbone import load_googlenet_weights
-    from mimicdet.detection.detector import build_detector, save_detector
+    from mimicdet.detection.detector import save_detector
     from mimicdet.detection.evaluate import evaluate_model, headline
 
     if config.init_from is not None and not Path(config.init_from).is_file():
@@ -187,9 +213,7 @@ def train_teacher(config: TeacherConfig, *, hooks: Sequence[Hook] = ()) -> dict:
     claim_run_folder(out, RUN_NAME, identity, overwrite=config.overwrite)
 
     torch.manual_seed(config.seed)  # deterministic initial weights
-    model = build_detector(det_config)
-    if config.init_from is not None:
-        load_googlenet_weights(model.backbone, config.init_from)
+    model = _build(det_config, config.init_from)
 
     meta = {
         "role": "teacher",

@@ -7,8 +7,9 @@ completion marker (object sizes and crc32c) is written, so writers of disjoint s
 machines. The full contract: docs/store-format.md.
 
 Modules: ``manifest`` (what a store is), ``format`` (packing one shard), ``zarr_backend`` / ``hdf5_backend``
-(the two layouts), ``backend`` (opening a location), ``writer``, ``reader``, ``verify``, ``inspect``, and ``training``
-(:func:`open_for_training`: every check before a student trains on stores).
+(the two layouts), ``backend`` (opening a location), ``writer``, ``reader``, ``verify``, ``inspect``, ``training``
+(:func:`open_for_training`: every check before a student trains on stores), ``cache`` (the local copy of a remote
+store's shards that readers go through) and ``remote`` (bounded retries and one-line errors of object storage).
 Locations are local paths or fsspec URLs (``s3://bucket/prefix``; pass ``storage_options`` or set
 ``$MIMICDET_S3_ENDPOINT`` for an S3-compatible endpoint).
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mimicdet.data.errors import StoreError
+from mimicdet.store.cache import ShardCache
 from mimicdet.store.hdf5_backend import Hdf5Backend
 from mimicdet.store.manifest import (
     MANIFEST_NAME,
@@ -14,16 +15,21 @@ from mimicdet.store.manifest import (
     marker_key,
     parse_marker,
 )
+from mimicdet.store.remote import call_remote
 from mimicdet.store.zarr_backend import ZarrBackend
 
 Backend = ZarrBackend | Hdf5Backend
 
 
-def make_backend(location: Location, manifest: Manifest, *, writable: bool, direct_reads: bool = False) -> Backend:
-    """``direct_reads``: the reader's fast path (zarr, local stores); verify keeps zarr's own decoder."""
+def make_backend(
+    location: Location, manifest: Manifest, *, writable: bool, direct_reads: bool = False,
+    cache: ShardCache | None = None,
+) -> Backend:
+    """``direct_reads``: the reader's fast path (zarr: local stores, or remote ones with a ``cache`` of their
+    shards); verify keeps zarr's own decoder and reads a remote store directly."""
     if manifest.backend == "zarr":
-        return ZarrBackend(location, manifest, writable=writable, direct_reads=direct_reads)
-    return Hdf5Backend(location, manifest, writable=writable)
+        return ZarrBackend(location, manifest, writable=writable, direct_reads=direct_reads, cache=cache)
+    return Hdf5Backend(location, manifest, writable=writable, cache=cache)
 
 
 def load_manifest(location: Location) -> Manifest:
@@ -38,9 +44,13 @@ def load_manifest(location: Location) -> Manifest:
 def marker_shards(location: Location) -> set[int]:
     """Shards whose completion marker exists (one listing)."""
     fs = location.fs
-    fs.invalidate_cache()
+
+    def listing() -> list:
+        fs.invalidate_cache()
+        return fs.ls(location.path(MARKER_DIR), detail=False)
+
     try:
-        names = fs.ls(location.path(MARKER_DIR), detail=False)
+        names = listing() if location.is_local else call_remote(location.url, "listing completion markers", listing)
     except FileNotFoundError:
         return set()
     out = set()

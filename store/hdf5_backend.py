@@ -3,7 +3,8 @@
 Each file holds one dataset per stored quantity with shape ``(n, *per_image_shape)`` for the shard's n images
 (flipped copies under the group ``flip/``), chunked one image per chunk, gzip-compressed after byte shuffling
 and checksummed with HDF5's fletcher32 filter. A shard is written to a temporary file and then renamed into
-place (locally) or uploaded with one PUT (object storage), so a shard file is either absent or whole.
+place (locally) or uploaded with one PUT (object storage), so a shard file is either absent or whole. A remote
+store read with a shard cache (``store/cache.py``) opens the cached copy of each shard file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from mimicdet.store.cache import ShardCache
 from mimicdet.store.manifest import TEMP_SUFFIX, Location, Manifest, ObjectInfo
 
 GZIP_LEVEL = 4
@@ -33,19 +35,22 @@ class Hdf5Backend:
 
     name = "hdf5"
 
-    def __init__(self, location: Location, manifest: Manifest, *, writable: bool) -> None:
+    def __init__(
+        self, location: Location, manifest: Manifest, *, writable: bool, cache: ShardCache | None = None
+    ) -> None:
         self.location = location
         self.manifest = manifest
         self.writable = writable
+        self.cache = cache  # a remote store's local shard copies (reads only)
         self._lock = threading.Lock()
         self._files: OrderedDict[int, tuple[h5py.File, Any]] = OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"location": self.location, "manifest": self.manifest, "writable": self.writable}
+        return {"location": self.location, "manifest": self.manifest, "writable": self.writable, "cache": self.cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["location"], state["manifest"], writable=state["writable"])
+        self.__init__(state["location"], state["manifest"], writable=state["writable"], cache=state.get("cache"))
 
     def create(self) -> None:
         """Nothing to lay out ahead of time: shard files appear as they are written."""
@@ -115,9 +120,10 @@ class Hdf5Backend:
                 self._files.move_to_end(shard)
                 return self._files[shard][0]
         loc = self.location
-        if loc.is_local:
+        if loc.is_local or self.cache is not None:
             raw = None
-            f = h5py.File(loc.path(shard_key(shard)), "r")
+            path = loc.path(shard_key(shard)) if self.cache is None else self.cache.path(shard, shard_key(shard))
+            f = h5py.File(path, "r")
         else:
             raw = loc.fs.open(loc.path(shard_key(shard)), "rb")
             f = h5py.File(raw, "r")
@@ -135,12 +141,19 @@ class Hdf5Backend:
 
     def read_image(self, index: int, prefix: str = "") -> dict[str, np.ndarray]:
         shard, local = divmod(index, self.manifest.shard_size)
-        f = self._file(shard)
-        return {n[len(prefix) :]: np.asarray(f[n][local]) for n in self._names(prefix)}
+
+        def read() -> dict[str, np.ndarray]:
+            f = self._file(shard)
+            return {n[len(prefix) :]: np.asarray(f[n][local]) for n in self._names(prefix)}
+
+        return read() if self.cache is None else self.cache.retrying(shard, read, lambda: self._forget(shard))
 
     def read_shard(self, shard: int, prefix: str = "") -> dict[str, np.ndarray]:
-        f = self._file(shard)
-        return {n[len(prefix) :]: np.asarray(f[n][()]) for n in self._names(prefix)}
+        def read() -> dict[str, np.ndarray]:
+            f = self._file(shard)
+            return {n[len(prefix) :]: np.asarray(f[n][()]) for n in self._names(prefix)}
+
+        return read() if self.cache is None else self.cache.retrying(shard, read, lambda: self._forget(shard))
 
     def read_shard_array(self, shard: int, name: str) -> np.ndarray:
         return np.asarray(self._file(shard)[name][()])

@@ -20,14 +20,15 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import crc32c
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from mimicdet.data.errors import StoreError
+from mimicdet.store.remote import call_remote
 
 FORMAT = "mimicdet-feature-store"
 # 2: per-proposal records (and the int8 scale) have a dtype, ``proposals.dtype``; int8 stores keep them in float16.
@@ -46,6 +47,7 @@ CHECKSUM_FIELD = "content_sha256"  # sha256 of the manifest's canonical JSON wit
 FIRST_CHECKSUMMED_VERSION = 2
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -504,12 +506,16 @@ class Location:
     def path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``; on object storage with bounded retries, its errors one line naming this store (store/remote.py)."""
+        return fn() if self.is_local else call_remote(self.url, what, fn)
+
     def exists(self, key: str = "") -> bool:
-        return self.fs.exists(self.path(key))
+        return self._call(f"looking for {key or 'the store'}", lambda: self.fs.exists(self.path(key)))
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path(key))
+            return self._call(f"reading {key}", lambda: self.fs.cat_file(self.path(key)))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url}: {key} not found") from None
 
@@ -550,7 +556,7 @@ class Location:
         """Every object under the root: key (relative, '/'-separated) -> size in bytes."""
         self.fs.invalidate_cache()
         try:
-            found = self.fs.find(self.root, detail=True)
+            found = self._call("listing the store", lambda: self.fs.find(self.root, detail=True))
         except FileNotFoundError:
             return {}
         prefix = self.root.rstrip("/") + "/"

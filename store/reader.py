@@ -1,8 +1,10 @@
-"""Reading a store: per image or per shard, float32 out, checked against the manifest."""
+"""Reading a store: per image or per shard, float32 out, checked against the manifest. A remote store is read
+through a local cache of its shards (store/cache.py)."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 from mimicdet.data.errors import StoreError
 from mimicdet.store.backend import load_manifest, make_backend, marker_shards
+from mimicdet.store.cache import CacheSettings, ShardCache, cache_settings
 from mimicdet.store.format import FLIP_PREFIX, ImageFeatures, image_arrays, unpack_image
 from mimicdet.store.manifest import (
     Location,
@@ -22,23 +25,31 @@ from mimicdet.store.writer import ids_text
 
 
 class StoreReader:
-    """Random access to a store's images. Pickles as (location, manifest): DataLoader workers and forked
-    children reopen files and connections lazily, never sharing the parent's handles."""
+    """Random access to a store's images. Pickles as (location, manifest, settings): DataLoader workers and forked
+    children reopen files and connections lazily, never sharing the parent's handles. ``shard_cache``: where and
+    how much of a remote store to keep on local disk (ignored for a local store)."""
 
-    def __init__(self, location: Location, manifest: Manifest, *, cache_shards: int = 0) -> None:
+    def __init__(
+        self, location: Location, manifest: Manifest, *, cache_shards: int = 0,
+        shard_cache: CacheSettings | None = None,
+    ) -> None:
         self._location = location
         self.manifest = manifest
         self.cache_shards = cache_shards
-        self._backend = make_backend(location, manifest, writable=False, direct_reads=True)
+        self.shard_cache = None if location.is_local else shard_cache
+        disk = ShardCache(location, manifest, self.shard_cache) if self.shard_cache is not None else None
+        self._backend = make_backend(location, manifest, writable=False, direct_reads=True, cache=disk)
         self._index: dict[str, int] | None = None
         self._complete: set[int] | None = None
         self._cache: OrderedDict[tuple[int, str], dict[str, np.ndarray]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"location": self._location, "manifest": self.manifest, "cache_shards": self.cache_shards}
+        return {"location": self._location, "manifest": self.manifest, "cache_shards": self.cache_shards,
+                "shard_cache": self.shard_cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["location"], state["manifest"], cache_shards=state["cache_shards"])
+        self.__init__(state["location"], state["manifest"], cache_shards=state["cache_shards"],
+                      shard_cache=state.get("shard_cache"))
 
     def __repr__(self) -> str:
         return f"StoreReader({self.url!r}, {len(self)} images)"
@@ -185,17 +196,42 @@ class StoreReader:
         if problems:
             raise StoreError(f"{self.url}: store does not match what was requested: {'; '.join(problems)}")
 
+    def cache_note(self) -> str | None:
+        """Why the local shard cache of this remote store will not serve it well (None if it will): the whole
+        store must fit for each shard to be fetched once, since training reads images in random order."""
+        disk = getattr(self._backend, "cache", None)
+        if disk is None:
+            return None
+        size, limit = disk.store_bytes(), disk.settings.limit
+        if size <= limit:
+            return None
+        return (f"{self.url}: the store is {size / 1e9:.2f} GB but its local shard cache may hold {limit / 1e9:.2f} GB "
+                f"(--cache-size): shards evicted during an epoch are fetched again in the next; give --cache-size "
+                f"{math.ceil(size / 1e9)}GB or more")
+
     def close(self) -> None:
         self._backend.close()
 
 
 def open_store(
-    url: str | Path, *, storage_options: Mapping[str, Any] | None = None, cache_shards: int = 0
+    url: str | Path,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_shards: int = 0,
+    cache_dir: str | Path | None = None,
+    cache_size: str | int | None = None,
+    prefetch: bool = False,
 ) -> StoreReader:
     """A reader. ``cache_shards=n`` keeps the last n decoded shards in memory and makes ``read`` decode a whole
     shard on a miss: several times cheaper per image when reads walk a shard at a time (shuffle shards, then
-    images within a shard); leave it at 0 for uniformly random access."""
+    images within a shard); leave it at 0 for uniformly random access.
+
+    A remote store's shards are read from local copies under ``cache_dir`` (default: the user's cache folder,
+    ``store.cache.default_cache_dir()``), fetched and checked on first use, at most ``cache_size`` bytes in all
+    (``"20GB"``; default ``store.cache.DEFAULT_CACHE_SIZE``), least recently used shards deleted first.
+    ``prefetch``: fetch the whole store in the background from the first read on, when it fits (training)."""
     if cache_shards < 0:
         raise ValueError(f"cache_shards must be >= 0, got {cache_shards}")
     location = Location(url, storage_options)
-    return StoreReader(location, load_manifest(location), cache_shards=cache_shards)
+    settings = None if location.is_local else cache_settings(cache_dir, cache_size, prefetch=prefetch)
+    return StoreReader(location, load_manifest(location), cache_shards=cache_shards, shard_cache=settings)

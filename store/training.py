@@ -10,6 +10,7 @@ preprocessing, stride and channels; and the student's map lies on the teacher's 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -74,19 +75,23 @@ def open_for_training(
     input_scale: float = 1.0,
     scale_mimic: bool = False,
     storage_options: Mapping | None = None,
+    cache_dir: str | None = None,
+    cache_size: str | int | None = None,
 ) -> TrainingStores:
     """Open and check the stores a student trains on (see the module docstring); raises StoreError naming the
     store and the first mismatch. ``dataset``: the whole labelled split (the stores were made from it);
     ``subset``: train on that many of its images, drawn by ``subset_seed``. ``student_stride``: the student map's
     stride in its own input pixels, which ``input_scale`` times the teacher's input; it must land on the primary
-    store's grid."""
+    store's grid. ``cache_dir``, ``cache_size``: the local shard cache of remote stores (see ``open_store``); their
+    readers prefetch the whole store when it fits."""
     opts = dict(storage_options or {})
-    primary = open_source(stores[0], dataset, storage_options=opts)
+    open_one = functools.partial(open_source, storage_options=opts, cache_dir=cache_dir, cache_size=cache_size)
+    primary = open_one(stores[0], dataset)
     labelled, skipped = check_source(primary, dataset.seeded_subset(subset, subset_seed), skip_corrupt=skip_corrupt,
                                      storage_options=opts)
     readers = [primary]
     for url in stores[1:]:
-        more = open_source(url, dataset, storage_options=opts)
+        more = open_one(url, dataset)
         check_same_images(primary, more)
         labelled, more_skipped = check_source(more, labelled, skip_corrupt=skip_corrupt, storage_options=opts)
         skipped += more_skipped
@@ -106,7 +111,7 @@ def open_for_training(
         unlabelled = replace(unlabelled, records=tuple(replace(r, labelled=False) for r in unlabelled.records))
         # Teacher k's store of the unlabelled images comes from teacher k (the same one as its labelled store).
         for k, (unl_url, url, lab) in enumerate(zip(unlabelled_stores, stores, readers)):
-            unl = open_source(unl_url, unlabelled, storage_options=opts)
+            unl = open_one(unl_url, unlabelled)
             if unl.manifest.teacher_sha256 != lab.manifest.teacher_sha256:
                 raise StoreError(
                     f"{unl_url}: made by teacher {unl.manifest.teacher_sha256[:12]}, but {url} by "
@@ -131,11 +136,18 @@ def open_for_training(
     return TrainingStores(labelled, tuple(readers), unlabelled, tuple(unl_readers), flip, tuple(skipped))
 
 
-def open_source(store_url: str, dataset: Dataset, *, storage_options: Mapping | None = None) -> StoreReader:
+def open_source(
+    store_url: str, dataset: Dataset, *, storage_options: Mapping | None = None, cache_dir: str | None = None,
+    cache_size: str | int | None = None,
+) -> StoreReader:
     """Open a store, check it was made from ``dataset`` by :func:`check_dataset`, the rule
     `mimic verify-store --data` applies (every image id present; when it holds exactly those images, the digest of
     ids and image sizes decides, not the dataset folder's name), and that it is complete."""
-    store = open_store(store_url, storage_options=storage_options or None)
+    store = open_store(store_url, storage_options=storage_options or None, cache_dir=cache_dir,
+                       cache_size=cache_size, prefetch=True)
+    note = store.cache_note()  # lists a remote store once; forked DataLoader workers reuse that listing
+    if note:
+        warnings.warn(note, stacklevel=3)
     problems, _notes = check_dataset(store.manifest, dataset)  # notes (a renamed folder) do not concern training
     if problems:
         raise StoreError(

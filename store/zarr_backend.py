@@ -20,7 +20,9 @@ spend per image. The direct path reads a shard's index once (cached, keyed on th
 each chunk with one ``pread``, checks its crc32c and decompresses it: about 1 ms per image. It follows the zarr v3
 sharding codec spec (index of ``(offset, nbytes)`` little-endian uint64 pairs at the end of the object, crc32c
 appended to the index and to every chunk) and is used only when an array's codecs are exactly those this
-module writes; anything else, remote stores, and ``verify_store`` go through zarr itself.
+module writes. A remote store read with a shard cache (``store/cache.py``) takes the same path over the cached
+copies of its shard objects; anything else, remote stores without one, and ``verify_store`` go through zarr
+itself.
 
 Writes take the mirror path (``_encode_shard``): the same per-chunk cost made zarr's ``setitem`` spend about
 6 ms of CPU per image on a shard of 32 (224 chunks through the asynchronous codec pipeline) against 1.6 ms for
@@ -45,6 +47,7 @@ import numcodecs.zstd
 import numpy as np
 import zarr
 import zarr.api.asynchronous as zasync
+from mimicdet.store.cache import ShardCache
 from mimicdet.store.manifest import Location, Manifest, ObjectInfo
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
@@ -94,11 +97,15 @@ class ZarrBackend:
 
     name = "zarr"
 
-    def __init__(self, location: Location, manifest: Manifest, *, writable: bool, direct_reads: bool = False) -> None:
+    def __init__(
+        self, location: Location, manifest: Manifest, *, writable: bool, direct_reads: bool = False,
+        cache: ShardCache | None = None,
+    ) -> None:
         self.location = location
         self.manifest = manifest
         self.writable = writable
-        self.direct_reads = direct_reads  # reads bypass zarr where the layout allows (local stores)
+        self.direct_reads = direct_reads  # reads bypass zarr where the layout allows (local stores, cached remote)
+        self.cache = cache  # a remote store's local shard copies
         self._pid = -1
         self._store: _RecordingStore | None = None
         self._arrays: dict[str, Any] = {}  # name -> zarr AsyncArray
@@ -111,11 +118,13 @@ class ZarrBackend:
             "manifest": self.manifest,
             "writable": self.writable,
             "direct_reads": self.direct_reads,
+            "cache": self.cache,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(
-            state["location"], state["manifest"], writable=state["writable"], direct_reads=state.get("direct_reads", False)
+            state["location"], state["manifest"], writable=state["writable"],
+            direct_reads=state.get("direct_reads", False), cache=state.get("cache"),
         )
 
     # ------------------------------------------------------------------ opening
@@ -185,7 +194,9 @@ class ZarrBackend:
             return None
         self._open_store()  # resets the reader in a forked child
         if self._direct is None:
-            self._direct = _DirectReader.for_arrays(self.location, self.manifest, self._array_map()) or False
+            self._direct = (
+                _DirectReader.for_arrays(self.location, self.manifest, self._array_map(), cache=self.cache) or False
+            )
         return self._direct or None
 
     # ------------------------------------------------------------------ layout
@@ -362,27 +373,35 @@ def chunk_codecs(manifest: Manifest, arrays: dict[str, Any]) -> dict[str, _Chunk
 
 
 class _DirectReader:
-    """Single images and whole shards read straight from the shard objects of a local zarr v3 store (see the
-    module docstring). One per process; the index cache is keyed on (array, shard) and checked against the
-    object's size and mtime, so a shard rewritten by ``--overwrite`` or ``--resume`` is read afresh."""
+    """Single images and whole shards read straight from the shard objects of a local zarr v3 store, or from the
+    cached copies of a remote store's (see the module docstring). One per process; the index cache is keyed on
+    (array, shard) and checked against the object's size and mtime, so a shard rewritten by ``--overwrite`` or
+    ``--resume``, or fetched again into the cache, is read afresh."""
 
-    def __init__(self, location: Location, manifest: Manifest, codecs: dict[str, _ChunkCodec]) -> None:
+    def __init__(
+        self, location: Location, manifest: Manifest, codecs: dict[str, _ChunkCodec], cache: ShardCache | None = None
+    ) -> None:
         self.location = location
         self.manifest = manifest
         self.codecs = codecs
+        self.cache = cache
         self._lock = threading.Lock()
         self._index: OrderedDict[tuple[str, int], tuple[tuple[int, int], np.ndarray]] = OrderedDict()
 
     @classmethod
-    def for_arrays(cls, location: Location, manifest: Manifest, arrays: dict[str, Any]) -> _DirectReader | None:
-        """A reader if every array is laid out as this module writes it and the store is local, else None."""
-        if not location.is_local:
+    def for_arrays(
+        cls, location: Location, manifest: Manifest, arrays: dict[str, Any], *, cache: ShardCache | None = None
+    ) -> _DirectReader | None:
+        """A reader if every array is laid out as this module writes it and the store is local or cached, else
+        None."""
+        if not location.is_local and cache is None:
             return None
         codecs = chunk_codecs(manifest, arrays)
-        return cls(location, manifest, codecs) if codecs is not None else None
+        return cls(location, manifest, codecs, cache) if codecs is not None else None
 
     def _path(self, name: str, shard: int) -> str:
-        return self.location.path(f"{name}/{self.codecs[name].key(shard)}")
+        key = f"{name}/{self.codecs[name].key(shard)}"
+        return self.cache.path(shard, key) if self.cache is not None else self.location.path(key)
 
     def _shard_index(self, name: str, shard: int, fd: int) -> np.ndarray:
         st = os.fstat(fd)
@@ -413,6 +432,16 @@ class _DirectReader:
         return [n for n in self.codecs if (n.startswith("flip/") if prefix else "/" not in n)]
 
     def read_image(self, index: int, prefix: str = "") -> dict[str, np.ndarray]:
+        if self.cache is None:
+            return self._read_image(index, prefix)
+        return self.cache.retrying(index // self.manifest.shard_size, lambda: self._read_image(index, prefix))
+
+    def read_shard(self, shard: int, prefix: str = "") -> dict[str, np.ndarray]:
+        if self.cache is None:
+            return self._read_shard(shard, prefix)
+        return self.cache.retrying(shard, lambda: self._read_shard(shard, prefix))
+
+    def _read_image(self, index: int, prefix: str) -> dict[str, np.ndarray]:
         shard, local = divmod(index, self.manifest.shard_size)
         out: dict[str, np.ndarray] = {}
         for name in self._names(prefix):
@@ -432,7 +461,7 @@ class _DirectReader:
             out[name[len(prefix) :]] = value
         return out
 
-    def read_shard(self, shard: int, prefix: str = "") -> dict[str, np.ndarray]:
+    def _read_shard(self, shard: int, prefix: str) -> dict[str, np.ndarray]:
         start, stop = self.manifest.shard_range(shard)
         out: dict[str, np.ndarray] = {}
         for name in self._names(prefix):

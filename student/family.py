@@ -106,6 +106,8 @@ class FamilyConfig:
     workers: int = 2
     progress: bool | None = None  # None: progress bars only on a terminal
     storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// store
+    cache_dir: str | None = None  # its local shard cache (StudentConfig.cache_dir)
+    cache_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.widths:
@@ -158,7 +160,8 @@ def _student_config(cfg: FamilyConfig, width: float, progress: bool) -> StudentC
         width=width, stage=1, iters=cfg.iters, mimic=cfg.mimic, head=cfg.head, batch_size=cfg.batch_size, lr=cfg.lr,
         mimic_weight=cfg.mimic_weight, rois_per_image=cfg.rois_per_image, anchor_sizes=tuple(cfg.anchor_sizes),
         aspect_ratios=tuple(cfg.aspect_ratios), seed=cfg.seed, device=cfg.device, workers=cfg.workers,
-        progress=progress, storage_options=dict(cfg.storage_options),
+        progress=progress, storage_options=dict(cfg.storage_options), cache_dir=cfg.cache_dir,
+        cache_size=cfg.cache_size,
     )
 
 

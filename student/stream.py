@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from mimicdet.data.errors import DataError, StoreError
 from mimicdet.store import StoreReader
+from mimicdet.store.remote import RemoteStoreError
 from mimicdet.data.loader import Batch, DetectionImages, IterationSampler, collate, loader_generator, mix_seeds
 from mimicdet.data.records import Dataset
 
@@ -218,12 +219,14 @@ class LoadFailure:
     """A batch whose data could not be read, carried back from a DataLoader worker as a value: an exception raised
     in a worker is re-raised with the worker's traceback pasted into its message."""
 
-    kind: str  # "store" | "data"
+    kind: str  # "store" | "remote" (the storage service failed, not the data) | "data"
     message: str
 
     def error(self) -> Exception:
         if self.kind == "data":
             return DataError(self.message)
+        if self.kind == "remote":
+            return StoreError(self.message)
         listed = "" if "verify-store" in self.message else " (`mimic verify-store` lists them)"
         return StoreError(f"{self.message}; --skip-corrupt trains without the damaged images{listed}")
 
@@ -239,7 +242,7 @@ class _Guarded(torch.utils.data.Dataset):
         try:
             return self.images[key]
         except StoreError as e:
-            return LoadFailure("store", str(e))
+            return LoadFailure("remote" if isinstance(e, RemoteStoreError) else "store", str(e))
         except DataError as e:
             return LoadFailure("data", str(e))
 

@@ -105,6 +105,21 @@ def inherit_anchors(cfg: StudentConfig) -> StudentConfig:
     return replace(cfg, **theirs)
 
 
+def without_head_targets(cfg: StudentConfig) -> StudentConfig:
+    """A store without head outputs (a foreign teacher extracted without --class-map) leaves the logits match
+    nothing to match: stage 2 trains its head on ground truth alone, and says so once."""
+    if cfg.stage != 2 or not cfg.logits_weight:
+        return cfg
+    manifest = open_store(cfg.primary_store, storage_options=cfg.storage_options or None).manifest
+    if manifest.teacher_head != "none":
+        return cfg
+    why = f"{cfg.primary_store} holds no head outputs (teacher {manifest.teacher_arch}, extracted without --class-map)"
+    if cfg.mimic == "logits":
+        raise ValueError(f"--mimic logits: {why}; extract it with --class-map, or use --mimic roi")
+    warnings.warn(f"{why}: stage 2 trains its head on ground truth alone (logits weight 0)", stacklevel=3)
+    return replace(cfg, logits_weight=0.0)
+
+
 def mimic_loss_name(k: int) -> str:
     """The logged name of teacher k's feature mimic term (0 = the primary store): loss_mimic, loss_mimic_2, ..."""
     return "loss_mimic" if k == 0 else f"loss_mimic_{k + 1}"
@@ -164,6 +179,10 @@ class StudentConfig:
     skip_corrupt: bool = False  # verify the shards used before training and leave damaged images out
     progress: bool = True
     storage_options: dict = field(default_factory=dict)
+    # A remote store's local shard cache (store/cache.py): the folder (None: the user's cache folder) and the most
+    # bytes it may hold (None: store.cache.DEFAULT_CACHE_SIZE).
+    cache_dir: str | None = None
+    cache_size: int | None = None
     # One weight w_k per store (L_m = Σ_k w_k·L_m^k); None means 1 each.
     teacher_weights: tuple[float, ...] | None = None
 
@@ -411,7 +430,7 @@ def build_student(cfg: StudentConfig, classes: tuple[str, ...]) -> Detector:
 LOCATION_KEYS = ("store", "unlabeled", "data", "unlabeled_data", "init", "out", "storage_options")
 # May change between calls of one run (skip_corrupt: a run stopped by a damaged image resumes with it).
 FREE_KEYS = ("iters", "progress", "workers", "device", "overwrite", "checkpoint_every", "log_every", "eval_every",
-             "eval_max_images", "skip_corrupt")
+             "eval_max_images", "skip_corrupt", "cache_dir", "cache_size")
 
 
 def input_digests(cfg: StudentConfig) -> dict:
@@ -456,7 +475,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
     """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary.
     Everything is checked before the run folder is touched; ``summary["skipped_images"]`` lists the damaged
     images left out (``--skip-corrupt``)."""
-    cfg = inherit_anchors(cfg)
+    cfg = without_head_targets(inherit_anchors(cfg))
     # The teacher fixed the class order (label k+1 <-> classes[k]); read the data with the store's classes.
     classes = list(store_classes(cfg.primary_store, cfg.storage_options)) or None
     full = load_dataset(cfg.data, cfg.split, classes=classes)
@@ -468,6 +487,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
         unlabelled=load_dataset(cfg.unlabeled_data, cfg.unlabeled_split, classes=classes) if cfg.unlabeled else None,
         flip=cfg.flip, skip_corrupt=cfg.skip_corrupt, student_stride=student.feature_stride,
         input_scale=cfg.input_scale, scale_mimic=cfg.scale_mimic, storage_options=cfg.storage_options,
+        cache_dir=cfg.cache_dir, cache_size=cfg.cache_size,
     )
     dataset, unl, flip, skipped = opened.labelled, opened.unlabelled, opened.flip, list(opened.skipped)
     manifest, pre = opened.manifest, opened.preprocess

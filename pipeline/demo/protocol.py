@@ -40,6 +40,9 @@ class Budget:
     teacher_iters: int = 2500
     # lr 0.04 (not 0.02): at 300 iterations the teacher's R@0.7 went 20.5 -> 32.4 (docs/experiments/diagnostics.md)
     teacher_lr: float = 0.04
+    # "inception" (this tool's detector), or "torchvision:NAME": a torchvision Faster R-CNN trained as the teacher
+    # (its width is its own; ``teacher_width`` does not apply).
+    teacher_arch: str = "inception"
     widths: tuple[float, ...] = (0.25,)
     # Stage 1. With the shipped teacher, 750: at 250 the 1/4 students are far from converged (scratch 32 R@0.7 on
     # val against the teacher's 84); with a teacher trained for 400 iterations, students given 750 pass the teacher

@@ -94,7 +94,7 @@ class Demo:
         if name == "teacher" and self._shipped_teacher(root, split, run):
             return run / "model.pt"
         self._stage(name, run / "model.pt", lambda: train_teacher(TeacherConfig(
-            data=root, split=split, subset=subset, subset_seed=subset_seed, out=run, width=width,
+            data=root, split=split, subset=subset, subset_seed=subset_seed, out=run, arch=b.teacher_arch, width=width,
             iters=b.teacher_iters, batch_size=b.batch_size, lr=b.teacher_lr, min_size=b.min_size,
             max_size=b.max_size, anchor_sizes=b.anchor_sizes, flip=False,
             device=self.cfg.device, workers=self.cfg.workers, progress=self.cfg.progress)))
@@ -108,9 +108,9 @@ class Demo:
         from mimicdet.pipeline.builtin_teacher import ASSET, RECIPE, shipped_teacher
 
         b, r = self.b, recipe or RECIPE
-        ours = (self.cfg.data, b.size, b.train, b.test, b.pool, b.val, b.min_object, split, b.teacher_width,
+        ours = (self.cfg.data, b.teacher_arch, b.size, b.train, b.test, b.pool, b.val, b.min_object, split, b.teacher_width,
                 b.teacher_iters, b.teacher_lr, b.batch_size, b.min_size, b.max_size, tuple(b.anchor_sizes))
-        recipe = (None, r.size, r.train, r.test, r.pool, r.val, r.min_object, r.split, r.width, r.iters, r.lr,
+        recipe = (None, "inception", r.size, r.train, r.test, r.pool, r.val, r.min_object, r.split, r.width, r.iters, r.lr,
                   r.batch_size, r.min_size, r.max_size, r.anchor_sizes)
         if ours != recipe:
             return False
@@ -214,7 +214,10 @@ class Demo:
         """Refuse a run folder whose finished stages were made with another budget (they would be skipped as done
         and reported under this one). What to run (seeds, widths, settings, strategies, extras, control teacher)
         may grow between runs; sizes, iterations and learning rates may not."""
-        claim_run_folder(self.out, "budget.json", asdict(self.b), ignore=_GROWABLE, what="a demo run",
+        budget = asdict(self.b)
+        if budget["teacher_arch"] == "inception":  # the default is left out: folders without it hold its runs
+            del budget["teacher_arch"]
+        claim_run_folder(self.out, "budget.json", budget, ignore=_GROWABLE, what="a demo run",
                          advice="its finished stages would be reported under the new one. Choose another --out, "
                                 "or pass the options that made it")
 

@@ -329,7 +329,12 @@ COMMAND_LINES: dict[str, Callable[[Path, Path], Case]] = {
         r"Missing option '--store'"], t / "out"),
     "nonexistent --teacher": lambda w, t: Case(
         ["extract-teacher", "--teacher", t / "nope.pt", "--data", w / "voc", "--out", t / "out"], 2,
-        [r"Invalid value for '--teacher': File '.*nope\.pt' does not exist"], t / "out"),
+        [r"Invalid value for '--teacher': .*nope\.pt is not a file \(a model\.pt from train-teacher, or "
+         r"torchvision:NAME\)"], t / "out"),
+    "unknown torchvision teacher": lambda w, t: Case(
+        ["extract-teacher", "--teacher", "torchvision:yolo", "--data", w / "voc", "--out", t / "out"], 2,
+        [r"Invalid value for '--teacher': 'torchvision:yolo' is not a torchvision teacher; expected one of "
+         r"torchvision:fasterrcnn_resnet50_fpn, "], t / "out"),
     "--unlabeled without --unlabeled-data": lambda w, t: Case(_train(w, t, "--unlabeled", w / "pool"), 1, [
         r"--unlabeled needs --unlabeled-data: the folder holding those images"], t / "out"),
     "store stride != student stride": lambda w, t: Case(_train(w, t, store=t / "stride32"), 1, [
@@ -357,7 +362,7 @@ COMMAND_LINES: dict[str, Callable[[Path, Path], Case]] = {
                "--unlabeled-fraction", "0.9", "--batch-size", "1"), 1,
         [r"--unlabeled-fraction 0\.9 leaves no labelled image in a batch of 1"], t / "out"),
     "--anchor-sizes a,b": lambda w, t: Case(_train(w, t, "--anchor-sizes", "a,b"), 2, [
-        r"Invalid value for '--anchor-sizes': expected comma-separated int values, got 'a,b'"], t / "out"),
+        r"Invalid value for '--anchor-sizes': expected comma-separated integers, got 'a,b'"], t / "out"),
     "--workers with --scheduler": lambda w, t: Case(
         _extract(w, w / "voc", t, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"), 2,
         [r"--workers starts a local cluster; --scheduler joins one: give one"], t / "out"),

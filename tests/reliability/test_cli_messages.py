@@ -78,8 +78,8 @@ def test_an_s3_endpoint_that_is_down_is_one_line(world, tmp_path):
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == [
-        'Error: remote storage: EndpointConnectionError: Could not connect to the endpoint URL: '
-        '"http://127.0.0.1:9/bucket/store/manifest.json"']
+        'Error: s3://bucket/store: reading manifest.json failed: cannot reach the endpoint (Could not connect to '
+        'the endpoint URL: "http://127.0.0.1:9/bucket/store/manifest.json")']
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def test_a_run_refuses_a_store_with_other_content(world, store, tmp_path):
     r = cli("extract-teacher", "--teacher", world / "teacher.pt", "--data", world / "voc", "--out", other,
             "--shard-size", "4", "--proposals", "12", "--overwrite")
     assert r.exit_code == 0, r.output
-    assert_refused(cli(*train_args(world, other, run)), 1, r"holds a run with a different configuration \(inputs\)")
+    assert_refused(cli(*train_args(world, other, run)), 1, r"holds a run made with other settings \(inputs\.stores: \[.*\] -> \[.*\]\); pass --overwrite")
 
 
 def test_stage_2_inherits_the_stage_1_anchors(world, store, tmp_path):
