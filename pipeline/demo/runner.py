@@ -233,7 +233,8 @@ class Demo:
         stores = {s: self.store(teacher, root, s) for s in {parts["labelled"], parts["unlabelled"]}}
         rows: list[dict] = []
         t_eval = self.evaluate("teacher", teacher, root, detection=True)
-        rows.append(_row("teacher", "-", "-", b.teacher_width, 2, t_eval) | {"model_path": str(teacher)})
+        width = b.teacher_width if b.teacher_arch == "inception" else 1.0  # a torchvision detector is whole
+        rows.append(_row("teacher", "-", "-", width, 2, t_eval) | {"model_path": str(teacher), "arch": b.teacher_arch})
         for setting in b.settings:
             for width in b.widths:
                 for seed in b.seeds:
