@@ -349,9 +349,10 @@ def verify_store_command(store, data_root, split) -> None:
 @click.option("--weights", default=None,
               help="torchvision:NAME only: its state dict file (torchvision's layout), or the name of torchvision's "
                    "published weights (e.g. COCO_V1) when torchvision's cache holds them. Nothing is downloaded.")
-@click.option("--feature-stride", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Stride of the stored feature map (the student's: 16). Picks the FPN level of a torchvision teacher "
-                   "(P4; a MobileNetV3 FPN's stride-32 level is served upsampled x2).")
+@click.option("--feature-stride", default=None, type=click.IntRange(min=1),
+              help="Stride of the stored feature map, which the student's must match [default: a checkpoint's own; "
+                   "16 for torchvision:NAME]. Picks the FPN level of a torchvision teacher (16: P4; a MobileNetV3 "
+                   "FPN's stride-32 level is served upsampled x2).")
 @click.option("--class-map", type=click.Path(exists=True, dir_okay=False), default=None,
               help="torchvision:NAME only: JSON {\"teacher class\": \"dataset class\"}, so the store's logits are the "
                    "dataset's (stage-2 logits match). Without it the store holds features and proposals only.")

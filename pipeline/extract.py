@@ -63,7 +63,7 @@ class ExtractConfig:
     progress: bool = True
     # A foreign teacher (pipeline/teachers.py): its weights, FPN level, class map and input sizes.
     weights: str | None = None
-    feature_stride: int = 16
+    feature_stride: int | None = None  # None: the checkpoint's own; 16 for torchvision:NAME
     class_map: Path | None = None
     min_size: int | None = None
     max_size: int | None = None

@@ -51,7 +51,7 @@ class TeacherSpec:
 
     teacher: str  # a model.pt, or "torchvision:NAME"
     weights: str | None = None  # torchvision:NAME only: a state dict file, or a published name such as COCO_V1
-    feature_stride: int = 16
+    feature_stride: int | None = None  # None: a checkpoint's own stride; 16 (P4) for torchvision:NAME
     class_map: str | None = None  # JSON {"teacher class": "dataset class"}
     min_size: int | None = None  # torchvision:NAME only: the input sizes (default torchvision's 800 / 1333)
     max_size: int | None = None
@@ -123,11 +123,10 @@ def _checkpoint_teacher(spec: TeacherSpec) -> Teacher:
     if "preprocess" not in meta:
         raise DataError(f"{path}: checkpoint meta has no 'preprocess'; was it written by `mimic train-teacher`?")
     classes = tuple(meta.get("classes", ()))
+    _check_stride(model, spec, path)
     if isinstance(model, TorchvisionDetector):
-        _check_stride(model, spec, path)
         layer, arch = model.describe_layer(), model.config.arch
     else:
-        _check_stride(model, spec, path)
         layer, arch = INCEPTION_LAYER, "inception-bn"
     if spec.class_map is not None:
         raise ValueError(f"--class-map: {path} was trained on {len(classes)} named classes; its logits are "
@@ -137,7 +136,7 @@ def _checkpoint_teacher(spec: TeacherSpec) -> Teacher:
 
 
 def _check_stride(model: nn.Module, spec: TeacherSpec, source: Path | str) -> None:
-    if model.feature_stride != spec.feature_stride:
+    if spec.feature_stride is not None and model.feature_stride != spec.feature_stride:
         raise ValueError(f"--feature-stride {spec.feature_stride}: {source} has its features at stride "
                          f"{model.feature_stride}")
 
@@ -154,7 +153,7 @@ def _published_teacher(spec: TeacherSpec) -> Teacher:
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     model = TorchvisionDetector(TorchvisionConfig(arch=PREFIX + arch, num_classes=num_classes,
-                                                  feature_stride=spec.feature_stride))
+                                                  feature_stride=spec.feature_stride or 16))
     try:
         model.load_torchvision_state(state, str(path))
     except ValueError as e:
