@@ -112,16 +112,24 @@ def _fraction(ctx, param, value):
     return v
 
 
-def _widths(ctx, param, value):
-    """'1/2,1/4' -> (0.5, 0.25)."""
-    if value is None:
-        return None
-    from mimicdet.student.family import parse_widths
+def _parsed_by(module: str, name: str, option: str):
+    """A callback parsing with ``module.name`` (imported on use); its ValueError becomes a bad parameter. None (the
+    option's default) stays None."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        import importlib
 
-    try:
-        return parse_widths(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e).removeprefix("--widths: ")) from None
+        try:
+            return getattr(importlib.import_module(module), name)(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e).removeprefix(f"{option}: ")) from None
+    return parse
+
+
+# '1/2,1/4' -> (0.5, 0.25); '20GB' or '512MiB' -> bytes.
+_widths = _parsed_by("mimicdet.student.family", "parse_widths", "--widths")
+_cache_size = _parsed_by("mimicdet.store.cache", "parse_size", "--cache-size")
 
 
 def _subset_of(allowed: tuple[str, ...]):
@@ -161,16 +169,6 @@ def _storage_options():
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
 
 
-def _cache_size(ctx, param, value):
-    """'20GB' or '512MiB' -> bytes; None (the default size) stays None."""
-    if value is None:
-        return None
-    from mimicdet.store.cache import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e).removeprefix("--cache-size: ")) from None
 
 
 def _cache_options(command):

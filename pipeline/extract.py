@@ -340,8 +340,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
     if len(dataset) == 0:
         raise DataError(f"{cfg.data}: split {cfg.split!r} has no images")
     if not teacher.classes:  # a foreign teacher without a class map: the store names the dataset's classes
-        spec = replace(spec, classes=tuple(dataset.classes))
-        teacher = open_teacher(spec, device)
+        spec = replace(spec, classes=tuple(dataset.classes))  # for Dask workers, which open their own
+        teacher.classes = spec.classes
     manifest = build_manifest(teacher=teacher, dataset=dataset, cfg=cfg)
     if cfg.scheduler:
         from mimicdet.pipeline.distributed import check_scheduler

@@ -158,7 +158,8 @@ def _published_teacher(spec: TeacherSpec) -> Teacher:
         model.load_torchvision_state(state, str(path))
     except ValueError as e:
         raise DataError(str(e)) from None
-    names = coco_categories(arch) if num_classes == len(coco_categories(arch)) else None
+    coco = coco_categories(arch)
+    names = coco if num_classes == len(coco) else None
     columns, classes = None, spec.classes
     if spec.class_map is not None:
         columns, classes = read_class_map(Path(spec.class_map), names, num_classes)

@@ -105,13 +105,11 @@ def inherit_anchors(cfg: StudentConfig) -> StudentConfig:
     return replace(cfg, **theirs)
 
 
-def without_head_targets(cfg: StudentConfig) -> StudentConfig:
+def without_head_targets(cfg: StudentConfig, manifest) -> StudentConfig:
     """A store without head outputs (a foreign teacher extracted without --class-map) leaves the logits match
-    nothing to match: stage 2 trains its head on ground truth alone, and says so once."""
-    if cfg.stage != 2 or not cfg.logits_weight:
-        return cfg
-    manifest = open_store(cfg.primary_store, storage_options=cfg.storage_options or None).manifest
-    if manifest.teacher_head != "none":
+    nothing to match: stage 2 trains its head on ground truth alone, and says so once. ``manifest``: the
+    primary store's."""
+    if cfg.stage != 2 or not cfg.logits_weight or manifest.teacher_head != "none":
         return cfg
     why = f"{cfg.primary_store} holds no head outputs (teacher {manifest.teacher_arch}, extracted without --class-map)"
     if cfg.mimic == "logits":
@@ -475,7 +473,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
     """Train a student from a feature store; writes ``out/model.pt`` (student only) and returns a summary.
     Everything is checked before the run folder is touched; ``summary["skipped_images"]`` lists the damaged
     images left out (``--skip-corrupt``)."""
-    cfg = without_head_targets(inherit_anchors(cfg))
+    cfg = inherit_anchors(cfg)
     # The teacher fixed the class order (label k+1 <-> classes[k]); read the data with the store's classes.
     classes = list(store_classes(cfg.primary_store, cfg.storage_options)) or None
     full = load_dataset(cfg.data, cfg.split, classes=classes)
@@ -491,6 +489,7 @@ def run_train_student(cfg: StudentConfig) -> dict:
     )
     dataset, unl, flip, skipped = opened.labelled, opened.unlabelled, opened.flip, list(opened.skipped)
     manifest, pre = opened.manifest, opened.preprocess
+    cfg = without_head_targets(cfg, manifest)  # before the run folder records the configuration
     sources = [(dataset, opened.readers)]
     images = [DetectionImages(dataset, pre, scale=cfg.input_scale)]
     n_unl = 0
